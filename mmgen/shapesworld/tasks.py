@@ -1,0 +1,369 @@
+"""The ShapesWorld task sampler: training data for the default model and ground truth for ShapesBench.
+
+Formatting convention (it holds for every task):
+- A sample is a prompt and an answer, both lists of segments (`Text`, `Image`). Images are rendered
+  at the world's size.
+- The first segment of a prompt, when it is text, has no leading space. Every other `Text` segment
+  starts with one space: prompt texts after an image, and every text of an answer. So prompt + answer
+  concatenate into normal text.
+- Prompt text ends with its cue: "." after an instruction ("draw a red circle.") or a story
+  ("... then the circle turns green."), "?" after a question. The answer follows directly.
+- Answers are short and canonical ("red.", "three.", "a red circle left of a blue square."), so that
+  exact-match scoring is fair. A story's answer repeats each step's text and follows it with its
+  picture: [Text, Image, Text, Image, ...].
+- No special tokens anywhere: the stream adds those.
+
+`Sample.spec` is JSON-serialisable ground truth (scenes as lists of dicts, changes, the category). It
+is enough to score an answer without the rendered images (see `mmgen.shapesworld.bench`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+
+from ..segments import Image, Segment, Text
+from . import language as lang
+from .render import render
+from .scene import (
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    Change,
+    ObjSpec,
+    Scene,
+    SceneSpec,
+    random_change,
+    random_scene,
+    relation,
+)
+
+TASKS: dict[str, tuple[str, ...]] = {
+    "t2i": ("single_object", "two_objects", "counting", "colors", "position", "color_attribution"),
+    "i2t": ("caption", "color_qa", "shape_qa", "count_qa", "position_qa"),
+    "story": ("given", "free"),
+    "edit": ("recolor", "add", "remove", "move"),
+}
+CATEGORY_TASK: dict[str, str] = {c: t for t, cats in TASKS.items() for c in cats}
+DEFAULT_WEIGHTS: dict[str, float] = {"t2i": 0.3, "i2t": 0.3, "story": 0.25, "edit": 0.15}
+MAX_STEPS = 4  # a story has 2-4 pictures (1-3 changes)
+
+
+@dataclass
+class Sample:
+    """One ShapesWorld example: a prompt, its reference answer, and JSON ground truth for scoring."""
+
+    task: str
+    category: str
+    prompt: list[Segment]
+    answer: list[Segment]
+    spec: dict = field(default_factory=dict)
+
+    def as_text(self, image_marker: str = "<image>") -> str:
+        """Prompt and answer as one string, with `image_marker` in place of each picture (for reading)."""
+
+        def show(segs: Sequence[Segment]) -> str:
+            return "".join(s.text if isinstance(s, Text) else image_marker for s in segs)
+
+        return f"{show(self.prompt)} => {show(self.answer)}"
+
+
+def _spaced(sentence: str) -> Text:
+    return Text(" " + sentence)
+
+
+class ShapesWorld:
+    """A seeded source of ShapesWorld samples.
+
+    Sample i depends only on (seed, i), so the same seed gives the same samples in the same order.
+    `sample_at` gives random access to any of them, which suits data loaders and resumed runs.
+    """
+
+    def __init__(self, seed: int, size: int = 64):
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not isinstance(size, int) or size < 16:
+            raise ValueError(f"size must be an int >= 16, got {size!r}")
+        self.seed = seed
+        self.size = size
+        self._next = 0
+
+    # -- public API -------------------------------------------------------------------------
+
+    def sample(self, task: str | None = None, category: str | None = None) -> Sample:
+        """The next sample (of `task` / `category` if given, else of a task drawn by DEFAULT_WEIGHTS)."""
+        s = self.sample_at(self._next, task, category)
+        self._next += 1
+        return s
+
+    def sample_at(
+        self,
+        index: int,
+        task: str | None = None,
+        category: str | None = None,
+        tasks: Sequence[str] | None = None,
+        weights: Sequence[float] | Mapping[str, float] | None = None,
+    ) -> Sample:
+        """Sample number `index` of this world. A task not given is drawn from `tasks` with `weights`."""
+        if not isinstance(index, int) or index < 0:
+            raise ValueError(f"index must be a non-negative int, got {index!r}")
+        task, category = self._resolve(task, category)
+        rng = random.Random(f"shapesworld/{self.seed}/{index}")
+        if task is None:
+            names, probs = self._task_weights(tasks, weights)
+            task = rng.choices(names, weights=probs)[0]
+        if category is None:
+            category = rng.choice(TASKS[task])
+        return getattr(self, f"_{task}")(rng, category)
+
+    def stream(
+        self,
+        tasks: Sequence[str] | None = None,
+        weights: Sequence[float] | Mapping[str, float] | None = None,
+    ) -> Iterator[Sample]:
+        """An endless iterator of samples, tasks drawn from `tasks` (default: all) with `weights`."""
+        self._task_weights(tasks, weights)  # bad arguments fail here, not at the first next()
+
+        def endless() -> Iterator[Sample]:
+            for _ in count():
+                s = self.sample_at(self._next, tasks=tasks, weights=weights)
+                self._next += 1
+                yield s
+
+        return endless()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve(task: str | None, category: str | None) -> tuple[str | None, str | None]:
+        if task is not None and task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+        if category is not None:
+            if category not in CATEGORY_TASK:
+                raise ValueError(f"unknown category {category!r}; expected one of {list(CATEGORY_TASK)}")
+            if task is not None and CATEGORY_TASK[category] != task:
+                raise ValueError(f"category {category!r} belongs to task {CATEGORY_TASK[category]!r}, not {task!r}")
+            task = CATEGORY_TASK[category]
+        return task, category
+
+    @staticmethod
+    def _task_weights(tasks, weights) -> tuple[list[str], list[float]]:
+        names = list(tasks) if tasks is not None else list(TASKS)
+        for t in names:
+            if t not in TASKS:
+                raise ValueError(f"unknown task {t!r}; expected one of {list(TASKS)}")
+        if not names:
+            raise ValueError("tasks must not be empty")
+        if weights is None:
+            probs = [DEFAULT_WEIGHTS[t] for t in names]
+        elif isinstance(weights, Mapping):
+            probs = [float(weights.get(t, 0.0)) for t in names]
+        else:
+            probs = [float(w) for w in weights]
+            if len(probs) != len(names):
+                raise ValueError(f"got {len(probs)} weights for {len(names)} tasks")
+        if any(p < 0 for p in probs) or sum(probs) <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {probs}")
+        return names, probs
+
+    def _image(self, scene: Scene) -> Image:
+        return Image(image=render(scene, self.size))
+
+    # -- text to image ----------------------------------------------------------------------
+
+    def _t2i(self, rng: random.Random, category: str) -> Sample:
+        shapes = rng.sample(SHAPES, 2)
+        colors = rng.sample(COLORS, 2)
+        rel = None
+        if category == "single_object":
+            objs = [ObjSpec(shapes[0])]
+        elif category == "colors":
+            objs = [ObjSpec(shapes[0], colors[0])]
+        elif category == "two_objects":
+            objs = [ObjSpec(shapes[0]), ObjSpec(shapes[1])]
+        elif category == "color_attribution":
+            objs = [ObjSpec(shapes[0], colors[0]), ObjSpec(shapes[1], colors[1])]
+        elif category == "position":
+            with_color = rng.random() < 0.5
+            objs = [ObjSpec(s, c if with_color else None) for s, c in zip(shapes, colors)]
+            rel = rng.choice(RELATIONS)
+        else:  # counting
+            n = rng.randint(2, 4)
+            objs = [ObjSpec(shapes[0])] * n
+        if category == "counting":
+            body = f"{lang.count_word(len(objs))} {lang.PLURALS[objs[0].shape]}"
+            scene = random_scene(rng, specs=objs)
+        elif rel is not None:
+            body = f"{lang.noun_phrase(objs[0])} {lang.relation_phrase(rel, rng)} {lang.noun_phrase(objs[1])}"
+            # The anchor is placed first, then the first object clearly `rel` it.
+            scene = random_scene(rng, specs=[objs[1], objs[0]], relations=[(1, rel, 0)])
+        else:
+            body = " and ".join(lang.noun_phrase(o) for o in objs)
+            scene = random_scene(rng, specs=objs)
+        forms = ["draw {b}.", "a picture of {b}.", "show {b}.", "an image of {b}.", "{b}."]
+        prompt = rng.choice(forms).format(b=body)
+        require = [{"shape": objs[0].shape, "color": objs[0].color, "count": len(objs)}] if category == "counting" else [
+            {"shape": o.shape, "color": o.color, "count": 1} for o in objs
+        ]
+        spec = {
+            "task": "t2i",
+            "category": category,
+            "prompt": prompt,
+            "require": require,
+            "relation": None if rel is None else [0, rel, 1],
+            "scene": scene.to_dicts(),
+        }
+        return Sample("t2i", category, [Text(prompt)], [self._image(scene)], spec)
+
+    # -- image to text ----------------------------------------------------------------------
+
+    def _i2t(self, rng: random.Random, category: str) -> Sample:
+        extra: dict = {}
+        if category == "caption":
+            scene = random_scene(rng)
+            question, answer = lang.caption_question(rng), lang.caption(scene)
+        elif category == "color_qa":
+            while True:
+                scene = random_scene(rng)
+                unique = [i for i in range(len(scene)) if scene.reference(i).color is None]
+                if unique:
+                    break
+            o = scene.objects[rng.choice(unique)]
+            question, answer = lang.color_question(ObjSpec(o.shape), o.color, rng)
+        elif category == "shape_qa":
+            scene = random_scene(rng)
+            if rng.random() < 0.35:
+                present = rng.random() < 0.5
+                shown = {(o.shape, o.color) for o in scene.objects}
+                with_color = rng.random() < 0.5
+                if present:
+                    o = rng.choice(scene.objects)
+                    spec_obj = ObjSpec(o.shape, o.color if with_color else None)
+                elif with_color:
+                    spec_obj = ObjSpec(*rng.choice([(s, c) for s in SHAPES for c in COLORS if (s, c) not in shown]))
+                else:
+                    spec_obj = ObjSpec(rng.choice([s for s in SHAPES if s not in {o.shape for o in scene.objects}]))
+                question, answer = lang.presence_question(spec_obj, present, rng)
+                extra["kind"] = "presence"
+            else:
+                while True:
+                    colors = [o.color for o in scene.objects]
+                    unique = [o for o in scene.objects if colors.count(o.color) == 1]
+                    if unique:
+                        break
+                    scene = random_scene(rng)
+                o = rng.choice(unique)
+                question, answer = lang.shape_question(o.color, o.shape, rng)
+        elif category == "count_qa":
+            # Half of the scenes draw from two shapes only, so that shape counts above one are common.
+            shapes = rng.sample(SHAPES, 2) if rng.random() < 0.5 else SHAPES
+            scene = random_scene(rng, shapes=shapes)
+            mode = rng.choice(["all", "shape", "color"])
+            if mode == "all":
+                question, answer = lang.count_question(len(scene), rng=rng)
+            elif mode == "shape":
+                shape = rng.choice(scene.objects).shape
+                n = sum(o.shape == shape for o in scene.objects)
+                question, answer = lang.count_question(n, shape=shape, rng=rng)
+            else:
+                color = rng.choice(scene.objects).color
+                n = sum(o.color == color for o in scene.objects)
+                question, answer = lang.count_question(n, color=color, rng=rng)
+        else:  # position_qa: two objects, so that the relation is unique and clear
+            scene = random_scene(rng, n_objects=2)
+            i = rng.randrange(2)
+            a, b = scene.objects[i], scene.objects[1 - i]
+            rel = relation(a, b)
+            if rng.random() < 0.5:
+                question, answer = lang.what_relation_question(rel, scene.reference(1 - i), a, rng)
+                extra.update(kind="what", target=a.to_dict())
+            else:
+                question, answer = lang.where_question(scene.reference(i), rel, scene.reference(1 - i), rng)
+                extra.update(kind="where", relation=rel, anchor=b.to_dict())
+        spec = {
+            "task": "i2t",
+            "category": category,
+            "question": question,
+            "answer": answer,
+            "scene": scene.to_dicts(),
+            **extra,
+        }
+        return Sample("i2t", category, [self._image(scene), _spaced(question)], [_spaced(answer)], spec)
+
+    # -- stories ----------------------------------------------------------------------------
+
+    def _story_scenes(self, rng: random.Random, n_changes: int) -> tuple[list[Scene], list[Change]]:
+        """A start scene and `n_changes` changes that each apply cleanly."""
+        while True:
+            scenes = [random_scene(rng, n_objects=rng.randint(1, 3))]
+            changes: list[Change] = []
+            for _ in range(20 * n_changes):
+                if len(changes) == n_changes:
+                    break
+                change = random_change(rng, scenes[-1])
+                try:
+                    nxt = change.apply(scenes[-1], rng)
+                except ValueError:
+                    continue
+                changes.append(change)
+                scenes.append(nxt)
+            if len(changes) == n_changes:
+                return scenes, changes
+
+    def _story(self, rng: random.Random, category: str) -> Sample:
+        n_steps = rng.randint(2, MAX_STEPS)
+        scenes, changes = self._story_scenes(rng, n_steps - 1)
+        texts = [lang.caption(scenes[0], rng)] + [lang.story_step(c, rng) for c in changes]
+        start = lang.parse_caption(texts[0])
+        if category == "given":
+            head = rng.choice(["a story in {n} pictures:", "tell this story in {n} pictures:"])
+            prompt = head.format(n=lang.count_word(n_steps)) + " " + " ".join(texts)
+            stated_steps: int | None = n_steps
+        else:
+            about = " and ".join(lang.noun_phrase(o) for o in scenes[0].objects)
+            stated_steps = n_steps if rng.random() < 0.5 else None
+            if stated_steps is None:
+                prompt = rng.choice(["tell a story about {a}.", "make up a story about {a}."]).format(a=about)
+            else:
+                prompt = f"tell a story in {lang.count_word(n_steps)} pictures about {about}."
+            start = SceneSpec(tuple(ObjSpec(o.shape, o.color) for o in scenes[0].objects))
+        answer: list[Segment] = []
+        for text, scene in zip(texts, scenes):
+            answer += [_spaced(text), self._image(scene)]
+        spec = {
+            "task": "story",
+            "category": category,
+            "prompt": prompt,
+            "n_steps": stated_steps,
+            "start": start.to_dict(),
+            "texts": texts,
+            "scenes": [s.to_dicts() for s in scenes],
+            "changes": [c.to_dict() for c in changes],
+        }
+        return Sample("story", category, [Text(prompt)], answer, spec)
+
+    # -- editing ----------------------------------------------------------------------------
+
+    def _edit(self, rng: random.Random, category: str) -> Sample:
+        lo, hi = {"recolor": (1, 4), "add": (1, 3), "remove": (2, 4), "move": (2, 4)}[category]
+        while True:
+            before = random_scene(rng, n_objects=rng.randint(lo, hi))
+            change = random_change(rng, before, kinds=[category])
+            try:
+                after = change.apply(before, rng)
+                break
+            except ValueError:
+                continue
+        instruction = lang.change_sentence(change, rng, imperative=True)
+        spec = {
+            "task": "edit",
+            "category": category,
+            "instruction": instruction,
+            "scene": before.to_dicts(),
+            "change": change.to_dict(),
+            "target": after.to_dicts(),
+        }
+        prompt = [self._image(before), _spaced(instruction)]
+        return Sample("edit", category, prompt, [self._image(after)], spec)
