@@ -1,0 +1,110 @@
+"""Configuration dataclasses, parsed by transformers' HfArgumentParser from YAML files and the command line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+@dataclass
+class ModelArguments:
+    """What the unified model is built from: pretrained parts from local folders, or fresh configs."""
+
+    backbone: str | None = field(
+        default=None, metadata={"help": "Local folder of a pretrained causal LM; built from the fields below if unset."}
+    )
+    backbone_type: str = field(default="llama", metadata={"help": "transformers model_type of a fresh backbone."})
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    max_position_embeddings: int = 4096
+    tokenizer: str = field(
+        default=str(DEFAULT_MODEL_DIR / "tokenizer"),
+        metadata={"help": "Local folder of a tokenizer; defaults to the backbone's, else the ShapesWorld BPE."},
+    )
+    vae: str = field(default=str(DEFAULT_MODEL_DIR / "vae"), metadata={"help": "Local folder of a diffusers VAE."})
+    image_size: int = 64
+    patch_size: int = 2
+    num_queries: int = 16
+    head_hidden_size: int = 256
+    head_layers: int = 6
+    head_heads: int = 4
+    head_mlp_ratio: float = 4.0
+
+
+@dataclass
+class TrainArguments:
+    """The training recipe."""
+
+    output_dir: str = "runs/shapes"
+    seed: int = 0
+    max_steps: int = 20000
+    batch_size: int = 32
+    max_length: int = 512
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (fp16 only on CUDA)."})
+    flow_weight: float = 1.0
+    flow_repeats: int = 4
+    drop_text_prob: float = 0.1
+    drop_image_prob: float = 0.1
+    compression_levels: list[str] = field(default_factory=lambda: ["none", "pool:2", "pool:4"])
+    data: str = field(default="shapesworld", metadata={"help": "'shapesworld', or a local interleaved jsonl file."})
+    images_dir: str | None = field(default=None, metadata={"help": "Image folder of a jsonl dataset."})
+    task_weights: dict | None = field(default=None, metadata={"help": "ShapesWorld task mix, e.g. {t2i: 4, i2t: 2}."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "A saved pipeline folder whose weights (and step) a run starts from when it has no "
+                          "checkpoint of its own; the optimizer state starts fresh."},
+    )
+    data_workers: int = field(default=1, metadata={"help": "Processes that build batches ahead (0: inline)."})
+    log_every: int = 20
+    save_every: int = 250
+    eval_every: int = 0
+    eval_samples: int = 24
+    export_dir: str | None = field(default=None, metadata={"help": "Where the finished pipeline is saved."})
+    recipe: str | None = field(default=None, metadata={"help": "The config file, named in the model card."})
+    export_every: int = field(default=0, metadata={"help": "Also export every N steps (0: only at the end)."})
+
+
+def parse_config(
+    dataclass_types: tuple, config_file: str | os.PathLike | None, args: list[str] | None = None
+) -> tuple:
+    """Dataclasses from a YAML/JSON file, with command-line flags overriding the file."""
+    parser = HfArgumentParser(dataclass_types)
+    defaults: dict = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        try:
+            defaults = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML/JSON: {err}") from None
+        if not isinstance(defaults, dict):
+            raise ValueError(f"config file {path} must hold a mapping of option names to values")
+        known = {f for dc in dataclass_types for f in dc.__dataclass_fields__}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s) in {path}: {', '.join(unknown)}")
+    # Dict- and list-valued options go straight from the file; argparse cannot express them as flags.
+    structured = {k: v for k, v in defaults.items() if isinstance(v, (dict, list))}
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k not in structured})
+    parsed = parser.parse_args_into_dataclasses(args=args or [])
+    for obj in parsed:
+        for key, value in structured.items():
+            if hasattr(obj, key):
+                setattr(obj, key, value)
+    return parsed

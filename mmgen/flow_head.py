@@ -1,0 +1,111 @@
+"""The flow head: a small DiT that predicts rectified-flow velocity on the image latent.
+
+It sits beside the backbone (DESIGN.md §1): the backbone runs once over the query tokens, and every
+flow step runs only this head, conditioned on the query states by concatenation (joint self-attention
+over [condition tokens, latent tokens]) and on the timestep by adaLN-Zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+from torch import nn
+
+
+def sincos_embedding(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of a float tensor (...,) → (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = x.float()[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def grid_sincos(coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """2D sinusoidal features of (row, col) coordinates (..., 2) → (..., dim); coordinates may be fractional."""
+    return torch.cat([sincos_embedding(coords[..., 0], dim // 2), sincos_embedding(coords[..., 1], dim // 2)], -1)
+
+
+def square_grid(side: int, device=None) -> torch.Tensor:
+    """Row-major (row, col) coordinates of a side×side grid, shape (side², 2)."""
+    rows, cols = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], -1).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class HeadBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation from the conditioning vector."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada = nn.Linear(dim, 6 * dim)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
+        q, k, v = rearrange(self.qkv(modulate(self.norm1(x), shift1, scale1)), "b n (three h d) -> three b h n d",
+                            three=3, h=self.num_heads)
+        attn = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        x = x + gate1[:, None] * self.proj(attn)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FlowHead(ModelMixin, ConfigMixin):
+    """Velocity predictor v(x_t, t | query states) on patch tokens of the latent.
+
+    Convention (rectified flow): x_t = t·noise + (1 − t)·x_0 and the target velocity is noise − x_0, so
+    t = 1 is pure noise. This matches diffusers' FlowMatchEulerDiscreteScheduler with sigma = t.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        token_dim: int = 16,
+        grid_size: int = 8,
+        cond_dim: int = 256,
+        hidden_size: int = 256,
+        num_layers: int = 6,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        self.x_in = nn.Linear(token_dim, hidden_size)
+        self.pos = nn.Linear(hidden_size, hidden_size)
+        self.cond_in = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, hidden_size))
+        self.cond_pool = nn.Linear(hidden_size, hidden_size)
+        self.t_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.blocks = nn.ModuleList(HeadBlock(hidden_size, num_heads, mlp_ratio) for _ in range(num_layers))
+        self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(hidden_size, 2 * hidden_size)
+        self.out = nn.Linear(hidden_size, token_dim)
+        for layer in (self.ada_out, self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.register_buffer("grid", square_grid(grid_size), persistent=False)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x_t (B, N, token_dim), t (B,) in [0, 1], cond (B, Q, cond_dim) → velocity (B, N, token_dim)."""
+        hidden = self.config.hidden_size
+        x = self.x_in(x_t) + self.pos(grid_sincos(self.grid, hidden).to(x_t.dtype))
+        c_tokens = self.cond_in(cond)
+        c = self.t_mlp(sincos_embedding(t * 1000.0, hidden).to(x_t.dtype)) + self.cond_pool(c_tokens.mean(1))
+        h = torch.cat([c_tokens, x], dim=1)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)
+        return self.out(modulate(self.norm_out(h[:, cond.shape[1]:]), shift, scale))

@@ -1,0 +1,250 @@
+"""The unified model: a causal-LM backbone plus the image modules beside it (DESIGN.md §4).
+
+`ImageModules` holds everything image-side (image_in with its 2D position embedding, the learned
+queries, the compressor and the flow head) as one diffusers `ModelMixin`, so it saves and loads like
+any pipeline component. `UnifiedModel` drives any transformers causal LM through `inputs_embeds`,
+`position_ids`, explicit attention masks and the Cache API, and never forks it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .attention_scores import received_attention
+from .compression import CompressionSpec, VisualCompressor
+from .flow_head import FlowHead, grid_sincos, square_grid
+from .stream import IGNORE_INDEX, ImageSpan, PackedBatch
+
+
+class ImageModules(ModelMixin, ConfigMixin):
+    """image_in + 2D positions + learned queries + compressor + flow head.
+
+    `image_size` and `patch_size` record how the VAE's latents were cut into tokens, so a saved model
+    rebuilds its image tokenizer from the VAE alone.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        backbone_hidden_size: int = 256,
+        token_dim: int = 16,
+        grid_size: int = 8,
+        image_size: int = 64,
+        patch_size: int = 2,
+        num_queries: int = 16,
+        head_hidden_size: int = 256,
+        head_layers: int = 6,
+        head_heads: int = 4,
+        head_mlp_ratio: float = 4.0,
+        resampler_queries: list[int] | None = None,
+        resampler_layers: int = 2,
+        resampler_heads: int = 4,
+    ):
+        super().__init__()
+        d = backbone_hidden_size
+        self.image_in = nn.Sequential(nn.Linear(token_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.image_pos = nn.Linear(d, d)
+        self.queries = nn.Parameter(torch.randn(num_queries, d) * 0.02)
+        # `resampler_queries` lists the levels of the learned resampler (resampler:R); none by default.
+        self.compressor = VisualCompressor(
+            grid_size, dim=d, resampler_queries=resampler_queries, resampler_layers=resampler_layers,
+            resampler_heads=resampler_heads,
+        )
+        self.flow_head = FlowHead(
+            token_dim=token_dim,
+            grid_size=grid_size,
+            cond_dim=d,
+            hidden_size=head_hidden_size,
+            num_layers=head_layers,
+            num_heads=head_heads,
+            mlp_ratio=head_mlp_ratio,
+        )
+        self.register_buffer("grid", square_grid(grid_size), persistent=False)
+
+    def embed_image_tokens(
+        self, tokens: torch.Tensor, compression: str | CompressionSpec = "none", importance: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Patch tokens (B, N, token_dim) → context embeddings (B, M, d): project, compress, add 2D position.
+
+        `importance` (B, N) is the attention each token receives, used by prune-attn only."""
+        x = self.image_in(tokens)
+        x, coords = self.compressor(x, self.grid, compression, importance=importance)
+        return x + self.image_pos(grid_sincos(coords, x.shape[-1]).to(x.dtype))
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    flow_loss: torch.Tensor
+    text_tokens: int
+    flow_images: int
+
+
+class UnifiedModel(nn.Module):
+    """Backbone + image modules, with the operations the trainer and the pipeline need."""
+
+    def __init__(self, backbone, image_modules: ImageModules, image_tokenizer):
+        super().__init__()
+        self.backbone = backbone
+        self.image_modules = image_modules
+        self.image_tokenizer = image_tokenizer
+        hidden = backbone.get_input_embeddings().weight.shape[1]
+        if hidden != image_modules.config.backbone_hidden_size:
+            raise ValueError(
+                f"image modules expect a backbone of hidden size {image_modules.config.backbone_hidden_size}, "
+                f"the backbone has {hidden}"
+            )
+        if image_tokenizer.token_dim != image_modules.config.token_dim:
+            raise ValueError(
+                f"image modules expect {image_modules.config.token_dim}-dim patch tokens, "
+                f"the image tokenizer makes {image_tokenizer.token_dim}"
+            )
+
+    @property
+    def num_queries(self) -> int:
+        return self.image_modules.config.num_queries
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_modules.queries.device
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(input_ids)
+
+    def image_embeddings(
+        self, latents: torch.Tensor, compression: str | CompressionSpec = "none", readers: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) → context embeddings (B, M, d).
+
+        prune-attn scores the image's tokens with the backbone first (`vision_attention`); `readers` (B, T, d),
+        e.g. the embeddings of the text that follows the image, join the learned queries as its readers."""
+        tok = self.image_tokenizer
+        expected = (tok.latent_channels, tok.latent_size, tok.latent_size)
+        if tuple(latents.shape[1:]) != expected:
+            raise ValueError(f"image latents must have shape {expected}, got {tuple(latents.shape[1:])}")
+        patches = self.image_tokenizer.patchify(latents)
+        importance = None
+        if self.image_modules.compressor.parse(compression).method == "prune-attn":
+            importance = self.vision_attention(patches, readers)
+        return self.image_modules.embed_image_tokens(patches, compression, importance)
+
+    def vision_attention(self, patches: torch.Tensor, readers: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention (B, N) each full-resolution image token receives at the compressor's `attention_layer`.
+
+        Readers: `readers` (text following the image, at the positions after its `<|image_end|>`) if given,
+        then the learned queries of a next image, which are trained to read the context images. With no text
+        after an image (it enters the cache first, or the model drew it), the queries alone read it.
+        """
+        full = self.image_modules.embed_image_tokens(patches, "none")
+        batch = full.shape[0]
+        # Stream positions relative to the image: v at 0, <|image_end|> at 1, text from 2, then
+        # <|image_start|> and the queries one position further each.
+        text = readers.shape[1] if readers is not None else 0
+        parts = ([readers.to(full.dtype)] if readers is not None else []) + [self.query_embeddings(batch).to(full.dtype)]
+        positions = torch.cat([
+            torch.arange(2, 2 + text, device=full.device),
+            torch.full((self.num_queries,), 3 + text, device=full.device),
+        ])
+        layer = self.image_modules.compressor.attention_layer
+        return received_attention(self.backbone, full, torch.cat(parts, dim=1), positions, layer)
+
+    def query_embeddings(self, batch: int = 1) -> torch.Tensor:
+        return self.image_modules.queries.expand(batch, -1, -1)
+
+    def embed(self, input_ids: torch.Tensor, spans: list[tuple[int, ImageSpan]], latents: list[torch.Tensor]):
+        """Input embeddings (B, L, d) for a batch whose image spans are listed as (row, span)."""
+        emb = self.text_embeddings(input_ids)
+        groups: dict[tuple[str, tuple], list[tuple[int, ImageSpan]]] = {}
+        for row, span in spans:
+            groups.setdefault((span.compression, tuple(latents[span.latent_index].shape)), []).append((row, span))
+            if span.num_queries:
+                emb[row, span.query_slice] = self.image_modules.queries.to(emb.dtype)
+        for (compression, _), members in groups.items():
+            stacked = torch.stack([latents[span.latent_index] for _, span in members])
+            vision = self.image_embeddings(stacked, compression).to(emb.dtype)
+            for (row, span), tokens in zip(members, vision):
+                if tokens.shape[0] != span.num_vision:
+                    raise ValueError(f"image span expects {span.num_vision} tokens, {compression} gives {tokens.shape[0]}")
+                emb[row, span.vision_slice] = tokens
+        return emb
+
+    # -- backbone -------------------------------------------------------------------------------
+    def run_backbone(self, inputs_embeds, position_ids, attention_mask=None, past_key_values=None, use_cache=False):
+        """Hidden states of the last layer (after the final norm) and the updated cache."""
+        out = self.backbone.base_model(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_output_embeddings()(hidden).float()
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.image_modules.flow_head(x_t, t, cond)
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(
+        self,
+        batch: PackedBatch,
+        flow_weight: float = 1.0,
+        flow_repeats: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """Text cross-entropy + flow_weight · rectified-flow MSE, in one teacher-forced pass.
+
+        Each generated image's flow loss is averaged over `flow_repeats` draws of (t, noise): the head
+        is small next to the backbone, so extra draws per backbone pass are nearly free.
+        """
+        emb = self.embed(batch.input_ids, batch.spans, batch.latents)
+        hidden, _ = self.run_backbone(emb, batch.position_ids, batch.attention_mask.to(emb.dtype))
+        targets = batch.labels
+        picked = targets != IGNORE_INDEX
+        n_text = int(picked.sum())
+        if n_text:
+            text_loss = F.cross_entropy(self.logits(hidden[picked]), targets[picked])
+        else:
+            text_loss = hidden.sum() * 0.0
+        generated = [(row, span) for row, span in batch.spans if span.num_queries]
+        if generated:
+            cond = torch.stack([hidden[row, span.query_slice] for row, span in generated])
+            x0 = self.image_tokenizer.patchify(torch.stack([batch.latents[s.latent_index] for _, s in generated]))
+            x0 = x0.to(cond.dtype).repeat(flow_repeats, 1, 1)
+            cond = cond.repeat(flow_repeats, 1, 1)
+            t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, generator=generator))  # logit-normal
+            noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+            x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
+            flow_loss = F.mse_loss(self.velocity(x_t, t, cond).float(), (noise - x0).float())
+        else:
+            flow_loss = hidden.sum() * 0.0
+        return LossOutput(
+            loss=text_loss + flow_weight * flow_loss,
+            text_loss=text_loss.detach(),
+            flow_loss=flow_loss.detach(),
+            text_tokens=n_text,
+            flow_images=len(generated),
+        )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

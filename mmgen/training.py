@@ -1,0 +1,282 @@
+"""The trainer: one loop that runs unchanged on a CPU, a GPU, or many processes under `accelerate launch`.
+
+Checkpoints are `accelerate` states (safetensors weights) written to a temporary folder and renamed into
+place, so a crash at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+
+from .config import ModelArguments, TrainArguments
+from .data import BatchBuilder, InterleavedJsonlData, ShapesWorldData, batch_loader, batch_seed
+from .loading import build_model
+from .model import UnifiedModel, cosine_with_warmup
+from .model_card import BENCH, write_model_card
+from .stream import StreamCodec
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "trainer_state.json"
+LOG_FILE = "log.jsonl"
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; biases, norms, embeddings of positions and the queries keep their scale."""
+    decay, keep = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and "queries" not in name else keep).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The last complete checkpoint. A crash between the two renames of `save` leaves only `.old`."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        candidate = output_dir / name
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+class Trainer:
+    def __init__(self, model_args: ModelArguments, args: TrainArguments):
+        if args.max_steps < 1 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
+            raise ValueError("max_steps, batch_size and gradient_accumulation_steps must be >= 1")
+        if args.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
+        if args.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {args.mixed_precision!r}")
+        self.model_args = model_args
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        set_seed(args.seed)
+        model, self.tokenizer = build_model(model_args)
+        self.codec = StreamCodec(self.tokenizer, model.num_queries)
+        builder = BatchBuilder(self.codec, model.image_tokenizer, model.image_modules.compressor, args)
+        rank = self.accelerator.process_index
+        if args.data == "shapesworld":
+            self.data = ShapesWorldData(builder, args, rank, image_size=model_args.image_size)
+        else:
+            self.data = InterleavedJsonlData(builder, args, rank)
+        optimizer = torch.optim.AdamW(
+            parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95)
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: cosine_with_warmup(s, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+        )
+        self.model, self.optimizer, self.schedule = self.accelerator.prepare(model, optimizer, schedule)
+        self.step = 0
+        self._batches = None
+
+    @property
+    def unwrapped(self) -> UnifiedModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the state to a temporary folder, then swap it in with renames."""
+        self.accelerator.wait_for_everyone()
+        tmp = self.output_dir / f"{CHECKPOINT}.tmp"
+        if self.accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        if self.accelerator.is_main_process:
+            state = {"step": self.step, "seed": self.args.seed}
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            final, old = self.output_dir / CHECKPOINT, self.output_dir / (CHECKPOINT + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old.exists():
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> bool:
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            if self.args.init_from:
+                self.init_from(self.args.init_from)
+            return False
+        self.accelerator.load_state(str(checkpoint))
+        self.step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+        log = self.output_dir / LOG_FILE
+        if self.accelerator.is_main_process and log.is_file():
+            kept = [row for row in read_log(log) if row["step"] <= self.step]
+            log.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+        return True
+
+    def init_from(self, folder: str | os.PathLike) -> None:
+        """Start from the weights of a saved pipeline, at the step it was exported at."""
+        from .pipelines import MMGenPipeline
+
+        source = MMGenPipeline.from_pretrained(folder)
+        model = self.unwrapped
+        model.backbone.load_state_dict(source.backbone.state_dict())
+        model.image_modules.load_state_dict(source.model.state_dict())
+        state = Path(folder) / "training_state.json"
+        self.step = json.loads(state.read_text())["step"] if state.is_file() else 0
+        for _ in range(self.step):
+            self.schedule.step()
+        logger.info("initialised from %s at step %d", folder, self.step)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        args, acc = self.args, self.accelerator
+        self.model.train()
+        totals = {"loss": 0.0, "text_loss": 0.0, "flow_loss": 0.0, "tokens": 0}
+        if self._batches is None:
+            self._batches = batch_loader(self.data, self.step, args.gradient_accumulation_steps, args.data_workers)
+        for micro in range(args.gradient_accumulation_steps):
+            step, got_micro, batch = next(self._batches)
+            assert (step, got_micro) == (self.step, micro), "the batch stream is out of step with training"
+            batch = batch.to(acc.device)
+            generator = torch.Generator(device=acc.device).manual_seed(
+                batch_seed(args.seed, self.step, micro, acc.process_index, 1)
+            )
+            with acc.accumulate(self.model), acc.autocast():
+                out = self.model(
+                    batch, flow_weight=args.flow_weight, flow_repeats=args.flow_repeats, generator=generator
+                )
+                acc.backward(out.loss)
+                if acc.sync_gradients and args.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.schedule.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            totals["loss"] += out.loss.item() / args.gradient_accumulation_steps
+            totals["text_loss"] += out.text_loss.item() / args.gradient_accumulation_steps
+            totals["flow_loss"] += out.flow_loss.item() / args.gradient_accumulation_steps
+            totals["tokens"] += int(batch.input_ids.numel())
+        self.step += 1
+        return totals
+
+    def train(self) -> list[dict]:
+        """Run to `max_steps`, resuming from the last checkpoint if there is one. Returns the logged rows."""
+        args, acc = self.args, self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        self.resume()
+        rows = []
+        bar = tqdm(total=args.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
+        window_start, window_tokens = time.perf_counter(), 0
+        while self.step < args.max_steps:
+            stats = self.train_step()
+            window_tokens += stats["tokens"]
+            bar.update(1)
+            if self.step % args.log_every == 0 or self.step == args.max_steps:
+                elapsed = time.perf_counter() - window_start
+                row = {
+                    "step": self.step,
+                    "loss": _mean_over_processes(acc, stats["loss"]),
+                    "text_loss": _mean_over_processes(acc, stats["text_loss"]),
+                    "flow_loss": _mean_over_processes(acc, stats["flow_loss"]),
+                    "lr": self.schedule.get_last_lr()[0],
+                    "tokens_per_s": window_tokens * acc.num_processes / max(elapsed, 1e-9),
+                }
+                rows.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['text_loss']:.3f}",
+                                flow=f"{row['flow_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if acc.is_main_process:
+                    with open(self.output_dir / LOG_FILE, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                window_start, window_tokens = time.perf_counter(), 0
+            if self.step % args.save_every == 0 or self.step == args.max_steps:
+                self.save()
+            if args.export_dir and args.export_every and self.step % args.export_every == 0 and acc.is_main_process:
+                self.export(args.export_dir)
+            if args.eval_every and self.step % args.eval_every == 0 and acc.is_main_process:
+                self.quick_eval()
+        bar.close()
+        if args.export_dir and acc.is_main_process:
+            self.export(args.export_dir)
+        acc.wait_for_everyone()
+        return rows
+
+    def pipeline(self):
+        """The current model as a generation pipeline (components shared, not copied)."""
+        from .pipelines import MMGenPipeline
+
+        model = self.unwrapped
+        return MMGenPipeline.from_unified(model, self.tokenizer)
+
+    def quick_eval(self) -> dict:
+        from .evals.shapesbench import run_shapesbench
+
+        summary = run_shapesbench(self.pipeline(), n=self.args.eval_samples, seed=self.args.seed, progress=False)
+        logger.info("step %d ShapesBench: %s", self.step, json.dumps(summary))
+        with open(self.output_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **summary}) + "\n")
+        return summary
+
+    def export(self, export_dir: str | os.PathLike) -> None:
+        """Save the pipeline, replacing the folder's contents only once the new ones are complete."""
+        final = Path(export_dir)
+        tmp = final.with_name(final.name + ".export-tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.pipeline().save_pretrained(tmp)
+        (tmp / "training_state.json").write_text(json.dumps({"step": self.step, "seed": self.args.seed}))
+        if (final / BENCH).is_file():
+            shutil.copy(final / BENCH, tmp / BENCH)
+        write_model_card(tmp, read_log(self.output_dir / LOG_FILE), self.args.recipe or "CONFIG.yaml", self.step)
+        swap_folder_contents(tmp, final)
+        logger.info("saved the pipeline to %s at step %d", final, self.step)
+
+
+def swap_folder_contents(tmp: Path, final: Path) -> None:
+    """Move every item of the complete folder `tmp` into `final`, each replacing its namesake by renames,
+    so a reader never finds a half-written component."""
+    final.mkdir(parents=True, exist_ok=True)
+    for item in tmp.iterdir():
+        target, old = final / item.name, final / (item.name + ".old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(item, target)
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    tmp.rmdir()
+
+
+def read_log(path: Path) -> list[dict]:
+    """The training log's rows; a line torn by a crash is dropped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            rows.append(row)
+    return rows
+
+
+def _mean_over_processes(acc: Accelerator, value: float) -> float:
+    if acc.num_processes == 1:
+        return value
+    return acc.reduce(torch.tensor(value, device=acc.device), reduction="mean").item()
