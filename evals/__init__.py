@@ -1,0 +1,1 @@
+"""Evaluation of interleaved generation: formats, adapters, metrics, judge, ShapesBench."""

@@ -1,0 +1,229 @@
+"""Benchmark cases of the generation loop: story end to end, seconds per image vs context, batching.
+
+Baselines run in the same process on the same model:
+- the re-forward loop (Show-o2 style) keeps no cache: every text token and every flow step re-runs the
+  backbone over the whole history, the noisy image's tokens included;
+- the in-backbone loop (BAGEL/Transfusion style) caches the context but runs the backbone over the
+  noisy image tokens and the queries at every flow step, in every guidance branch.
+Both replay exactly the segments our pipeline produced, so each side does the same amount of work.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from mmgen.pipelines.decoding import BatchCache, Chunk
+from mmgen.pipelines.pipeline_mmgen import Guidance
+from mmgen.segments import Image, Segment, Text
+from mmgen.shapesworld import ShapesWorld
+
+from .bench import BenchOptions, CaseResult, bench_case, median_seconds
+
+STEPS = 25
+
+
+def _settings(options: BenchOptions) -> dict:
+    return dict(num_inference_steps=4 if options.quick else STEPS, guidance_scale=3.0, image_guidance_scale=1.5)
+
+
+def _encode_prompt(pipe, segments: list[Segment]):
+    """Embeddings and positions of segments (images at full resolution, no queries): one chunk."""
+    model, codec = pipe.unified, pipe.codec
+    segments = pipe.encode_images([s if isinstance(s, Text) else Image(image=s.image, latent=s.latent)
+                                   for s in segments])
+    count = model.image_modules.compressor.num_tokens("none")
+    encoded = codec.encode(segments, [count] * sum(isinstance(s, Image) for s in segments))
+    embeds = model.embed(encoded.input_ids[None], [(0, span) for span in encoded.spans], encoded.latents)[0]
+    return embeds, encoded.position_ids, encoded
+
+
+def _queries_chunk(pipe, position: int, noisy: torch.Tensor | None = None) -> Chunk:
+    """<|image_start|> (+ the noisy image's tokens, for in-backbone loops) + the queries at one position."""
+    model = pipe.unified
+    start = model.text_embeddings(torch.tensor([pipe.codec.ids.image_start]))
+    parts = [start]
+    if noisy is not None:
+        parts.append(model.image_modules.embed_image_tokens(noisy[None])[0])
+    parts.append(model.query_embeddings(1)[0])
+    embeds = torch.cat(parts)
+    positions = torch.tensor([position] + [position + 1] * (len(embeds) - 1))
+    return Chunk(embeds=embeds, positions=positions, keep=torch.zeros(len(embeds), dtype=torch.bool))
+
+
+def _velocity_in_backbone(pipe, contexts: list[Chunk | None], positions: list[int]):
+    """A velocity function whose conditions come from running the backbone over the noisy image at every
+    step: branch k attends to context k (None: the empty unconditional context)."""
+    model = pipe.unified
+    q = model.num_queries
+
+    def velocity(x, t, branches):
+        outs = []
+        for k in range(len(branches)):
+            chunk = _queries_chunk(pipe, positions[k], x[0])
+            context = contexts[k]
+            if context is None:
+                cache = BatchCache(model, 1)
+            else:
+                cache = context
+            hidden = cache.forward([chunk])[0]
+            outs.append(model.velocity(x, t, hidden[-q:][None]))
+        return outs
+
+    return velocity
+
+
+def _story_prompt(seed: int) -> list[Segment]:
+    sample = ShapesWorld(seed=seed).sample(task="story", category="given")
+    return list(sample.prompt)
+
+
+@bench_case("story")
+def story_case(pipe, options: BenchOptions) -> CaseResult:
+    """A story end to end with our KV-cached loop vs a loop that re-forwards the whole history each step."""
+    settings = _settings(options)
+    prompt = _story_prompt(options.seed + 1)
+    max_new = 40 if options.quick else 200
+
+    def ours():
+        return pipe(prompt, max_new_tokens=max_new, max_images=4, generator=torch.Generator().manual_seed(0),
+                    **settings)
+
+    produced = ours().segments[0]
+    n_images = sum(isinstance(s, Image) for s in produced)
+    n_tokens = sum(len(pipe.codec.text_ids(s.text)) for s in produced if isinstance(s, Text))
+
+    def reforward():
+        model = pipe.unified
+        history: list[Segment] = list(prompt)
+        guidance = Guidance(settings["guidance_scale"], settings["image_guidance_scale"])
+        for segment in produced:
+            if isinstance(segment, Text):
+                ids = pipe.codec.text_ids(segment.text)
+                for k in range(len(ids)):
+                    embeds, positions, _ = _encode_prompt(pipe, [*history, Text(pipe.codec.decode_text(ids[:k + 1]))])
+                    hidden, _ = model.run_backbone(embeds[None], positions[None])
+                    model.logits(hidden[:, -1])
+                history.append(segment)
+                continue
+            embeds, positions, encoded = _encode_prompt(pipe, history)
+            text_only = [s for s in history if isinstance(s, Text)]
+            t_embeds, t_positions, _ = _encode_prompt(pipe, text_only)
+            contexts = [Chunk(embeds, positions, torch.ones(len(positions), dtype=torch.bool)),
+                        None, Chunk(t_embeds, t_positions, torch.ones(len(t_positions), dtype=torch.bool))]
+            starts = [encoded.next_position, encoded.next_position, len(t_positions)]
+
+            def velocity(x, t, branches, contexts=contexts, starts=starts):
+                outs = []
+                for k in range(len(branches)):
+                    fresh = BatchCache(model, 1)
+                    if contexts[k] is not None:
+                        fresh.forward([contexts[k]])  # no cache across steps: the whole history again
+                    hidden = fresh.forward([_queries_chunk(pipe, starts[k], x[0])])[0]
+                    outs.append(model.velocity(x, t, hidden[-model.num_queries:][None]))
+                return outs
+
+            branches = [None, None, None] if any(isinstance(s, Image) for s in history) else [None, None]
+            x = pipe.initial_noise([torch.Generator().manual_seed(0)])
+            x = pipe.denoise(x, branches, guidance, settings["num_inference_steps"], velocity_fn=velocity)
+            model.image_tokenizer.decode(model.image_tokenizer.unpatchify(x))
+            history.append(Image(latent=segment.latent))
+
+    t_ours = median_seconds(ours, options.repeats)
+    t_reforward = median_seconds(reforward, max(1, options.repeats // 2))
+    rows = [
+        {"loop": "ours (one KV cache, flow head)", "seconds": t_ours, "text_tokens": n_tokens, "images": n_images},
+        {"loop": "re-forward history each step", "seconds": t_reforward, "text_tokens": n_tokens,
+         "images": n_images},
+    ]
+    return CaseResult("story", rows, {"story_vs_reforward": t_reforward / t_ours})
+
+
+def _context(pipe, n_images: int, seed: int) -> list[Segment]:
+    world = ShapesWorld(seed=seed)
+    segments: list[Segment] = []
+    for _ in range(n_images):
+        sample = world.sample(task="t2i")
+        segments += [sample.prompt[0], sample.answer[0]]
+    segments.append(Text(" draw a red circle left of a blue square."))
+    return segments
+
+
+@bench_case("image")
+def image_case(pipe, options: BenchOptions) -> CaseResult:
+    """Seconds per image with an empty context vs a 16-image one: our head vs an in-backbone loop."""
+    settings = _settings(options)
+    guidance = Guidance(settings["guidance_scale"], settings["image_guidance_scale"])
+    model = pipe.unified
+    q = model.num_queries
+    rows, seconds = [], {}
+    for n_context in (0, 16):
+        segments = _context(pipe, n_context, options.seed)
+        embeds, positions, encoded = _encode_prompt(pipe, segments)
+        prompt_chunk = Chunk(embeds, positions, torch.ones(len(positions), dtype=torch.bool))
+        text_only = [s for s in segments if isinstance(s, Text)]
+        t_embeds, t_positions, _ = _encode_prompt(pipe, text_only)
+        text_chunk = Chunk(t_embeds, t_positions, torch.ones(len(t_positions), dtype=torch.bool))
+        start, text_start = encoded.next_position, len(t_positions)
+        use_image_cfg = n_context > 0
+
+        main_cache = BatchCache(model, 1)
+        main_cache.forward([prompt_chunk])
+        text_cache = BatchCache(model, 1)
+        text_cache.forward([text_chunk])
+
+        def ours(cache=main_cache, use_image_cfg=use_image_cfg, start=start, text_only=text_only, encoded=encoded):
+            cond = cache.forward([_queries_chunk(pipe, start)])[0][-q:][None]
+            text_ids = [int(t) for t in pipe.codec.encode(text_only, []).input_ids]
+            null, text = pipe.branch_conds([start], [text_ids] if use_image_cfg else None)
+            branches = [cond, null] + ([text] if use_image_cfg else [])
+            x = pipe.initial_noise([torch.Generator().manual_seed(0)])
+            x = pipe.denoise(x, branches, guidance, settings["num_inference_steps"])
+            model.image_tokenizer.decode(model.image_tokenizer.unpatchify(x))
+
+        def in_backbone(cache=main_cache, text_cache=text_cache, use_image_cfg=use_image_cfg, start=start,
+                        t_start=text_start):
+            contexts = [cache, None] + ([text_cache] if use_image_cfg else [])
+            velocity = _velocity_in_backbone(pipe, contexts, [start, start, t_start])
+            x = pipe.initial_noise([torch.Generator().manual_seed(0)])
+            x = pipe.denoise(x, [None] * len(contexts), guidance, settings["num_inference_steps"],
+                             velocity_fn=velocity)
+            model.image_tokenizer.decode(model.image_tokenizer.unpatchify(x))
+
+        for name, fn in (("ours (flow head beside the backbone)", ours), ("in-backbone loop", in_backbone)):
+            t = median_seconds(fn, options.repeats)
+            seconds[(name, n_context)] = t
+            rows.append({"loop": name, "context_images": n_context, "context_tokens": len(positions),
+                         "seconds_per_image": t})
+    ours_name, inb_name = "ours (flow head beside the backbone)", "in-backbone loop"
+    ratios = {
+        "image_ctx16_vs_ctx0_ours": seconds[(ours_name, 16)] / seconds[(ours_name, 0)],
+        "image_ctx16_vs_ctx0_in_backbone": seconds[(inb_name, 16)] / seconds[(inb_name, 0)],
+    }
+    return CaseResult("image", rows, ratios)
+
+
+@bench_case("batch")
+def batch_case(pipe, options: BenchOptions) -> CaseResult:
+    """Throughput of 8 prompts in one batch vs the same prompts one at a time."""
+    settings = _settings(options)
+    world = ShapesWorld(seed=options.seed + 2)
+    rng = random.Random(options.seed)
+    prompts = []
+    for _ in range(8):
+        sample = world.sample(task=rng.choice(["t2i", "i2t"]))
+        prompts.append(list(sample.prompt))
+    kwargs = dict(max_new_tokens=8 if options.quick else 24, max_images=1, **settings)
+
+    def batched():
+        return pipe(prompts, generator=[torch.Generator().manual_seed(k) for k in range(8)], **kwargs)
+
+    def one_at_a_time():
+        return [pipe([p], generator=[torch.Generator().manual_seed(k)], **kwargs) for k, p in enumerate(prompts)]
+
+    t_batch = median_seconds(batched, options.repeats)
+    t_single = median_seconds(one_at_a_time, options.repeats)
+    rows = [{"mode": "batch of 8", "seconds": t_batch, "prompts_per_s": 8 / t_batch},
+            {"mode": "8 x batch of 1", "seconds": t_single, "prompts_per_s": 8 / t_single}]
+    return CaseResult("batch", rows, {"batch8_vs_batch1_throughput": t_single / t_batch})
