@@ -1,0 +1,82 @@
+"""Shared tiny fixtures: the committed ShapesWorld tokenizer, and tiny random backbones, VAEs and pipelines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mmgen.loading import load_tokenizer
+from mmgen.model import ImageModules
+from mmgen.pipelines import MMGenPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ROOT / "mmgen" / "default_model" / "tokenizer"
+BACKBONE_TYPES = ("llama", "qwen2", "gemma", "gpt2")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def grad_mode_is_left_as_found():
+    """Library calls must scope `no_grad` themselves; a leaked global switch breaks later training silently."""
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left torch's grad mode disabled"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(TOKENIZER_DIR)
+
+
+def tiny_backbone(kind: str, tokenizer, hidden: int = 32, seed: int = 0):
+    torch.manual_seed(seed)
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+               tie_word_embeddings=False)
+    if kind == "gpt2":
+        config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=hidden, n_layer=2, n_head=4,
+                                      n_positions=1024, **ids)
+    else:
+        config = AutoConfig.for_model(kind, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=hidden // 4, max_position_embeddings=1024, **ids)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+
+
+def tiny_image_modules(hidden: int = 32, seed: int = 0) -> ImageModules:
+    torch.manual_seed(seed)
+    return ImageModules(backbone_hidden_size=hidden, token_dim=16, grid_size=4, image_size=16, patch_size=2,
+                        num_queries=4, head_hidden_size=32, head_layers=2, head_heads=2)
+
+
+def tiny_pipeline(tokenizer, kind: str = "llama", image_scale: float = 1.0, seed: int = 0) -> MMGenPipeline:
+    """A random pipeline. `image_scale` multiplies the output row of <|image_start|>, so that a random
+    model picks it wherever its hidden state leans that way: a deterministic mix of text and images."""
+    backbone = tiny_backbone(kind, tokenizer, seed=seed)
+    if image_scale != 1.0:
+        with torch.no_grad():
+            backbone.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids("<|image_start|>")] *= image_scale
+    pipe = MMGenPipeline(backbone, tokenizer, tiny_vae(seed), tiny_image_modules(seed=seed),
+                         FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def make_pipeline(tokenizer):
+    def make(kind: str = "llama", image_scale: float = 1.0, seed: int = 0) -> MMGenPipeline:
+        return tiny_pipeline(tokenizer, kind, image_scale, seed)
+
+    return make

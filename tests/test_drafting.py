@@ -1,0 +1,398 @@
+"""Speculative drafting: lossless greedy decoding with every drafter, an unchanged sampling distribution,
+per-row verification in batches, the vision head's training and its save/load with the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from mmgen import Image, Text
+from mmgen.draft_training import (
+    DrafterTrainArguments,
+    generate_traces,
+    head_batch_loss,
+    measure_tau,
+    train_drafter,
+    train_head,
+)
+from mmgen.drafting import (
+    ContextUpdate,
+    Draft,
+    Drafter,
+    DraftLMDrafter,
+    NgramDrafter,
+    Sampling,
+    VisionDraftHead,
+    VisionHeadDrafter,
+    verify_drafts,
+)
+from mmgen.pipelines import MMGenPipeline
+from mmgen.stream import TEXT
+
+from .conftest import BACKBONE_TYPES, tiny_backbone
+
+GREEDY = dict(max_new_tokens=28, num_inference_steps=1, max_images=2, output_type="latent")
+
+
+def seeded(n: int = 1, base: int = 5) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(base + k) for k in range(n)]
+
+
+def signature(segments) -> list:
+    return [s.text if isinstance(s, Text) else s.latent.numpy().tobytes() for s in segments]
+
+
+def random_head(pipe, image_adaptor: bool = True, seed: int = 0) -> VisionDraftHead:
+    torch.manual_seed(seed)
+    hidden = pipe.backbone.get_input_embeddings().weight.shape[1]
+    return VisionDraftHead(hidden_size=hidden, num_heads=4, intermediate_size=64, image_adaptor=image_adaptor)
+
+
+class Recorder(Drafter):
+    """Drafts nothing; remembers each row's text tokens as the target's cache received them."""
+
+    def start(self, batch_size, sampling):
+        super().start(batch_size, sampling)
+        self.tokens = [[] for _ in range(batch_size)]
+
+    def extend(self, row, update):
+        self.tokens[row] += [t for t, m in zip(update.ids, update.modality) if m == TEXT]
+
+    def propose(self, requests):
+        return [Draft() for _ in requests]
+
+
+class Oracle(Drafter):
+    """Knows plain decoding's text (from a `Recorder`) and drafts it, with the last token wrong in every
+    `wrong_every`-th draft: so drafts get accepted in full, in part, and not at all."""
+
+    def __init__(self, truth: list[list[int]], length: int = 5, wrong_every: int = 4):
+        self.truth, self.length, self.wrong_every = truth, length, wrong_every
+
+    def start(self, batch_size, sampling):
+        super().start(batch_size, sampling)
+        self.seen = [0] * batch_size
+        self.calls = 0
+
+    def extend(self, row, update):
+        self.seen[row] += sum(m == TEXT for m in update.modality)
+
+    def propose(self, requests):
+        drafts = []
+        for req in requests:
+            self.calls += 1
+            truth = self.truth[req.row][self.seen[req.row] + 1 : self.seen[req.row] + 1 + self.length]
+            if self.calls % self.wrong_every == 0 and truth:
+                truth[-1] = 10 + (truth[-1] + 1) % 400 if truth[-1] != 10 else 11
+            drafts.append(Draft(list(truth)))
+        return drafts
+
+
+def plain_tokens(pipe, prompts, **kwargs) -> tuple[list, list[list[int]]]:
+    recorder = Recorder()
+    out = pipe(prompts, drafter=recorder, generator=seeded(len(prompts)), **kwargs)
+    return [signature(row) for row in out.segments], recorder.tokens
+
+
+# -- verification ----------------------------------------------------------------------------------------
+def test_greedy_verification_accepts_the_longest_agreeing_prefix_then_the_targets_token():
+    vocab = 6
+    argmax = torch.tensor([[2, 3, 4, 5], [2, 3, 4, 5], [2, 3, 4, 5]])
+    logits = torch.nn.functional.one_hot(argmax, vocab).float() * 5
+    drafts = torch.tensor([[2, 3, 4], [2, 1, 4], [1, 3, 4]])
+    accepted, following = verify_drafts(logits, drafts, torch.tensor([3, 3, 2]), Sampling())
+    assert accepted.tolist() == [3, 1, 0]
+    assert following.tolist() == [5, 3, 2]
+
+
+def first_tokens(p0: torch.Tensor, drafts: torch.Tensor, logits: torch.Tensor, sampling: Sampling,
+                 q: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = drafts.shape[0]
+    accepted, following = verify_drafts(
+        logits.expand(n, -1, -1), drafts, torch.full((n,), drafts.shape[1]), sampling,
+        torch.Generator().manual_seed(seed), q,
+    )
+    first = torch.where(accepted > 0, drafts[:, 0], following)
+    second = torch.where(accepted > 1, drafts[:, 1], following)
+    return first, second[accepted >= 1]
+
+
+def assert_matches(samples: torch.Tensor, probs: torch.Tensor) -> None:
+    """Chi-square goodness of fit, tokens with expected counts below 5 pooled into one bin."""
+    counts = torch.bincount(samples, minlength=len(probs)).double().numpy()
+    expected = probs.double().numpy() * len(samples)
+    assert counts[expected == 0].sum() == 0, "a token the target gives probability 0 was emitted"
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    wanted = np.append(expected[big], expected[~big].sum())
+    keep = wanted > 0
+    observed, wanted = observed[keep], wanted[keep] * observed[keep].sum() / wanted[keep].sum()
+    assert chisquare(observed, wanted).pvalue > 0.01
+
+
+@pytest.mark.parametrize(
+    "sampling", [Sampling(temperature=1.0), Sampling(temperature=0.7, top_k=20, top_p=0.9)], ids=["plain", "top-k-p"]
+)
+@pytest.mark.parametrize("drafter", ["deterministic", "sampled"])
+def test_rejection_sampling_leaves_the_target_distribution_unchanged(make_pipeline, sampling, drafter):
+    pipe = make_pipeline("llama")
+    model = pipe.unified
+    ids = pipe.codec.encode([Text("a red circle left of a blue square.")], []).input_ids
+    with torch.no_grad():
+        hidden, _ = model.run_backbone(model.text_embeddings(ids[None]), torch.arange(len(ids))[None])
+        logits = model.logits(hidden[:, -3:])
+    logits = 3.0 * logits / logits.std(-1, keepdim=True)  # a random model is flat: make a few tokens likely
+    p = sampling.probs(logits[0])
+    n = 20_000
+    if drafter == "deterministic":  # the target's 1st, then its 2nd choice: accepted sometimes, not always
+        q = None
+        choices = p[:2].topk(2, dim=-1).indices
+        drafts = torch.stack([choices[0, 0], choices[1, 1]]).expand(n, -1).clone()
+    else:  # a different distribution, sampled per row
+        q_dist = torch.softmax(torch.randn(2, p.shape[-1], generator=torch.Generator().manual_seed(1)) * 2, -1)
+        q_dist = 0.5 * q_dist + 0.5 * p[:2]
+        drafts = torch.stack([torch.multinomial(q_dist[k], n, replacement=True,
+                                                generator=torch.Generator().manual_seed(2 + k)) for k in range(2)], 1)
+        q = q_dist.expand(n, -1, -1)
+    first, second_after_accept = first_tokens(p[0], drafts, logits, sampling, q, seed=3)
+    assert_matches(first, p[0])
+    # Given the first draft was accepted, the second token follows the target's next distribution.
+    if drafter == "deterministic":
+        assert len(second_after_accept) > 1000
+        assert_matches(second_after_accept, p[1])
+
+
+def test_sampled_drafting_is_reproducible_with_seeds_and_the_same_drafter_state(make_pipeline):
+    pipe = make_pipeline("qwen2")
+    pipe.register_modules(drafter=random_head(pipe))
+    kwargs = dict(max_new_tokens=16, max_images=0, temperature=0.9, top_k=40)
+    for drafter in (NgramDrafter, lambda: "vision-head"):
+        first = pipe(["tell a story.", "draw."], generator=seeded(2), drafter=drafter(), **kwargs)
+        second = pipe(["tell a story.", "draw."], generator=seeded(2), drafter=drafter(), **kwargs)
+        assert first.text == second.text
+        assert pipe.last_stats.text_tokens > 0
+
+
+# -- greedy decoding is lossless -------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone", BACKBONE_TYPES)
+def test_greedy_drafting_is_token_identical_to_plain_decoding(make_pipeline, tokenizer, backbone):
+    pipe = make_pipeline(backbone, image_scale=6.0)
+    prompt = ["tell a story about a red circle."]
+    plain, truth = plain_tokens(pipe, prompt, **GREEDY)
+    assert any(not isinstance(s, str) for s in plain[0][:-1]), "the prompt should draw images mid-text"
+    pipe.drafter = random_head(pipe)
+    drafters = {
+        "ngram": "ngram",
+        "draft-lm": DraftLMDrafter(tiny_backbone("llama", tokenizer, seed=3)),
+        "vision-head": "vision-head",
+        "oracle": Oracle(truth),
+    }
+    for name, drafter in drafters.items():
+        out = pipe(prompt, drafter=drafter, generator=seeded(), **GREEDY)
+        assert [signature(row) for row in out.segments] == plain, f"{name} changed the output"
+        if name == "oracle":
+            stats = pipe.last_stats
+            assert stats.accepted_tokens > 0 and stats.accepted_tokens < stats.drafted_tokens
+            assert stats.tau > 1.5 and stats.text_forwards < stats.text_tokens
+
+
+def test_plain_decoding_has_tau_one(make_pipeline):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    pipe("draw a red circle.", generator=seeded(), **GREEDY)
+    stats = pipe.last_stats
+    assert stats.tau == 1.0 and stats.text_forwards == stats.text_tokens > 0
+    assert stats.drafted_tokens == 0
+
+
+def test_drafting_respects_max_new_tokens_and_max_images(make_pipeline):
+    pipe = make_pipeline("gemma", image_scale=6.0)
+    for limits in (dict(max_new_tokens=7, max_images=2), dict(max_new_tokens=20, max_images=0)):
+        kwargs = {**GREEDY, **limits}
+        plain, truth = plain_tokens(pipe, ["tell a story."], **kwargs)
+        out = pipe(["tell a story."], drafter=Oracle(truth, length=12, wrong_every=1000), generator=seeded(),
+                   **kwargs)
+        assert [signature(row) for row in out.segments] == plain
+        assert pipe.last_stats.text_tokens <= limits["max_new_tokens"]
+        assert len(out.images[0]) <= limits["max_images"]
+
+
+def test_batch_with_drafting_equals_batch_1_greedy(make_pipeline):
+    pipe = make_pipeline("qwen2", image_scale=6.0)
+    pipe.drafter = random_head(pipe)
+    picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
+    prompts = [["draw a red circle."], [picture, " what colour is it?"], ["tell a story about a square."],
+               ["a blue triangle"]]
+    singles = []
+    for k, prompt in enumerate(prompts):
+        out = pipe([prompt], generator=seeded(base=5 + k), **GREEDY)
+        singles.append(signature(out.segments[0]))
+    _, truth = plain_tokens(pipe, prompts, **GREEDY)
+    for drafter in ("ngram", "vision-head", Oracle(truth)):
+        out = pipe(prompts, drafter=drafter, generator=seeded(len(prompts)), **GREEDY)
+        assert [signature(row) for row in out.segments] == singles, f"{drafter} in a batch changed a row"
+
+
+# -- drafters --------------------------------------------------------------------------------------------
+def update_of(tokens: list[int]) -> ContextUpdate:
+    return ContextUpdate(ids=tokens, positions=list(range(len(tokens))), modality=[TEXT] * len(tokens))
+
+
+def test_ngram_drafts_by_prompt_lookup_and_adapts_its_length():
+    from mmgen.drafting import DraftRequest
+
+    drafter = NgramDrafter(initial_tokens=3, max_tokens=6)
+    drafter.start(1, Sampling())
+    drafter.extend(0, update_of([10, 11, 12, 13, 14, 15, 20, 10, 11]))
+    request = DraftRequest(row=0, pending=12, position=9, max_tokens=10)
+    assert drafter.propose([request])[0].tokens == [13, 14, 15]
+    drafter.feedback(0, drafted=3, accepted=3)
+    assert drafter.propose([request])[0].tokens == [13, 14, 15, 20, 10]
+    drafter.feedback(0, drafted=5, accepted=1)
+    drafter.feedback(0, drafted=4, accepted=0)
+    assert len(drafter.propose([request])[0].tokens) == 3
+
+
+def test_ngram_remembers_earlier_outputs_across_calls():
+    from mmgen.drafting import DraftRequest
+
+    drafter = NgramDrafter()
+    drafter.start(1, Sampling())
+    drafter.extend(0, update_of([1, 2]))  # the prompt
+    drafter.extend(0, update_of([30, 31, 32, 33]))  # the answer
+    drafter.finish()
+    drafter.start(1, Sampling())
+    drafter.extend(0, update_of([5, 6]))
+    assert drafter.propose([DraftRequest(0, pending=31, position=2, max_tokens=4)])[0].tokens[:1] == []
+    drafter.extend(0, update_of([30]))
+    assert drafter.propose([DraftRequest(0, pending=31, position=3, max_tokens=4)])[0].tokens == [32, 33]
+
+
+def test_draft_lm_loads_from_a_folder_and_must_share_the_tokenizer(make_pipeline, tokenizer, tmp_path):
+    pipe = make_pipeline("llama")
+    small = tiny_backbone("gpt2", tokenizer, seed=4)
+    small.save_pretrained(tmp_path / "lm", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "lm")
+    plain = pipe("a red circle.", max_new_tokens=12, max_images=0).text
+    assert pipe("a red circle.", max_new_tokens=12, max_images=0, drafter=f"draft-lm:{tmp_path / 'lm'}").text == plain
+    other = tokenizer.__class__.from_pretrained(tmp_path / "lm")
+    other.add_tokens(["<|something_else|>"])
+    other.save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match="tokenizer"):
+        DraftLMDrafter.from_folder(tmp_path / "lm", pipe.tokenizer)
+    with pytest.raises(ValueError, match="draft-lm"):
+        pipe("a red circle.", max_new_tokens=4, drafter="draft-lm")
+
+
+def test_unknown_drafter_names_are_rejected_listing_the_known_ones(make_pipeline):
+    pipe = make_pipeline("llama")
+    with pytest.raises(ValueError, match="unknown drafter 'eagle'; known: ngram, draft-lm, vision-head"):
+        pipe("a red circle.", drafter="eagle")
+    with pytest.raises(ValueError, match="train-drafter"):
+        pipe("a red circle.", drafter="vision-head")
+    with pytest.raises(ValueError, match="drafter must be"):
+        pipe("a red circle.", drafter=3)
+
+
+# -- the vision head -------------------------------------------------------------------------------------
+def test_vision_head_follows_the_target_incrementally_as_in_training(make_pipeline):
+    """The head's features while decoding equal its teacher-forced features over the same stream."""
+    pipe = make_pipeline("llama", image_scale=6.0)
+    head = random_head(pipe)
+    trace = generate_traces(pipe, [[Text("tell a story.")]], DrafterTrainArguments(
+        max_new_tokens=16, num_inference_steps=1, generation_batch_size=1, max_images=1))[0]
+    assert 2 in trace.modality, "the sample should hold an image"
+    drafter = VisionHeadDrafter(head, pipe.unified)
+    drafter.start(1, Sampling())
+    update = trace.update()
+    cut = len(update.ids) - 3
+    drafter.extend(0, ContextUpdate(update.ids[:cut], update.positions[:cut], update.modality[:cut],
+                                    update.hidden[:cut]))
+    from mmgen.drafting import DraftRequest, ItemWalker
+
+    drafter.propose([DraftRequest(0, pending=update.ids[cut], position=update.positions[cut], max_tokens=1)])
+    walker = ItemWalker(True)
+    items = walker.feed(ContextUpdate(update.ids[:cut], update.positions[:cut], update.modality[:cut],
+                                      update.hidden[:cut])) + [walker.pending(update.ids[cut])]
+    x, positions = head.embed_items(items, pipe.unified.text_embeddings, {})
+    n = len(x)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    _, keys, _ = head(x[None], positions[None], causal[None])
+    assert torch.allclose(drafter.keys[0], keys[0], atol=1e-5)
+
+
+def test_vision_head_trains_and_drafts_with_tau_above_one(make_pipeline):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    picture = PIL.Image.new("RGB", (16, 16), (30, 30, 200))
+    prompts = [[Image(picture), Text(" what colour is it?")], [Text("tell a story about a circle.")]]
+    args = DrafterTrainArguments(max_new_tokens=16, num_inference_steps=1, generation_batch_size=2, max_images=1,
+                                 steps=25, batch_size=2, learning_rate=1e-2, warmup_steps=3, num_heads=4,
+                                 intermediate_size=64, unroll=2, feature_noise=0.0)
+    traces = generate_traces(pipe, prompts, args)
+    model = pipe.unified
+    embed, lm_head = model.backbone.get_input_embeddings(), model.backbone.get_output_embeddings()
+    head = random_head(pipe)
+    with torch.enable_grad():
+        before, _ = head_batch_loss(head, traces, embed, lm_head, args, pipe.codec.ids.image_start)
+        train_head(pipe, traces, args, head=head)
+        after, _ = head_batch_loss(head, traces, embed, lm_head, args, pipe.codec.ids.image_start)
+    assert after.item() < before.item()
+    result = measure_tau(pipe, prompts, VisionHeadDrafter(head.eval(), pipe.unified), args)
+    assert result["tau"] > 1.0 and result["acceptance"] > 0
+
+
+def test_pipeline_with_a_vision_head_round_trips_save_and_load(make_pipeline, tmp_path):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    pipe.register_modules(drafter=random_head(pipe, seed=2))
+    first = pipe("a story.", drafter="vision-head", generator=seeded(), **GREEDY)
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["drafter"] == ["mmgen.drafting",
+                                                                                "VisionDraftHead"]
+    loaded = MMGenPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.drafter, VisionDraftHead)
+    for name, value in pipe.drafter.state_dict().items():
+        assert torch.equal(value, loaded.drafter.state_dict()[name]), name
+    second = loaded("a story.", drafter="vision-head", generator=seeded(), **GREEDY)
+    assert [signature(r) for r in first.segments] == [signature(r) for r in second.segments]
+    assert not list(tmp_path.rglob("*.bin"))
+
+
+def test_train_drafter_saves_the_head_into_the_model_folder(make_pipeline, tmp_path):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    pipe.save_pretrained(tmp_path / "model")
+    args = DrafterTrainArguments(model=str(tmp_path / "model"), samples=2, max_new_tokens=8, num_inference_steps=1,
+                                 generation_batch_size=2, steps=2, batch_size=2, num_heads=4, intermediate_size=32,
+                                 eval_samples=1, data_cache=str(tmp_path / "samples.safetensors"))
+    folder = train_drafter(args)
+    assert folder == tmp_path / "model" / "drafter"
+    loaded = MMGenPipeline.from_pretrained(tmp_path / "model")
+    assert isinstance(loaded.drafter, VisionDraftHead) and loaded.drafter.config.image_adaptor
+    ablation = train_drafter(DrafterTrainArguments(**{**args.__dict__, "image_adaptor": False}))
+    assert ablation == tmp_path / "model" / "drafter_no_adaptor"
+    assert not VisionDraftHead.from_pretrained(str(ablation)).config.image_adaptor
+
+
+def test_train_drafter_command_rejects_an_unknown_kind(capsys):
+    from mmgen.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "drafter.yaml")
+    assert main(["train-drafter", config, "--kind", "tree"]) == 2
+    assert "unknown drafter kind 'tree'; known: vision-head, draft-lm" in capsys.readouterr().err
+
+
+def test_drafting_bench_case_runs_quick_and_reports_its_ratios(make_pipeline, tmp_path):
+    from mmgen.evals.bench import BenchOptions, run_bench
+
+    pipe = make_pipeline("llama", image_scale=6.0)
+    (result,) = run_bench(["drafting"], pipe, BenchOptions(repeats=1, quick=True, out_dir=tmp_path))
+    assert set(result.ratios) == {"vision_head_tau", "vision_head_speedup", "vision_head_tau_vs_no_adaptor",
+                                  "best_vs_hf_assisted", "best_vs_hf_prompt_lookup", "batch4_drafting_vs_plain"}
+    grounded = [row for row in result.rows if row["workload"] != "text-only"]
+    assert all(row["identical_to_plain"] == 1.0 for row in grounded), "drafting must not change greedy output"
+    assert next(r for r in result.rows if r["drafter"] == "hf plain")["matches_ours"] == 1.0

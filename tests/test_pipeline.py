@@ -1,0 +1,138 @@
+"""MMGenPipeline: the interleaved loop on several backbones, save/load, batching, and argument checks."""
+
+from __future__ import annotations
+
+import PIL.Image
+import pytest
+import torch
+
+from mmgen import Image, Text
+from mmgen.pipelines import InterleavedPipelineOutput, MMGenPipeline
+
+from .conftest import BACKBONE_TYPES
+
+
+def kinds(segments) -> str:
+    return "".join("I" if isinstance(s, Image) else "T" for s in segments)
+
+
+@pytest.mark.parametrize("backbone", BACKBONE_TYPES)
+def test_full_loop_text_image_text_image_runs_on_each_backbone(make_pipeline, backbone):
+    pipe = make_pipeline(backbone, image_scale=6.0)
+    out = pipe("draw a red circle.", max_new_tokens=24, num_inference_steps=2, max_images=2)
+    assert isinstance(out, InterleavedPipelineOutput)
+    pattern = kinds(out.segments[0])
+    assert "ITI" in pattern, f"expected text between two images, got {pattern}"
+    images = out.images[0]
+    assert len(images) == 2 and all(isinstance(im, PIL.Image.Image) and im.size == (16, 16) for im in images)
+    assert out.text[0] == "".join(s.text for s in out.segments[0] if isinstance(s, Text))
+    assert pipe.last_stats.images == 2
+
+
+def test_save_and_load_round_trip_gives_identical_output(make_pipeline, tmp_path):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    first = pipe("a story.", max_new_tokens=16, num_inference_steps=3, generator=torch.Generator().manual_seed(7))
+    pipe.save_pretrained(tmp_path)
+    loaded = MMGenPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    second = loaded("a story.", max_new_tokens=16, num_inference_steps=3, generator=torch.Generator().manual_seed(7))
+    assert first.text == second.text
+    assert kinds(first.segments[0]) == kinds(second.segments[0])
+    for a, b in zip(first.images[0], second.images[0]):
+        assert a.tobytes() == b.tobytes()
+    assert not list(tmp_path.rglob("*.bin")), "components are saved as safetensors"
+
+
+def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline):
+    pipe = make_pipeline("qwen2", image_scale=6.0)
+    picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
+    prompts = [["draw a red circle."], [picture, " what colour is it?"], ["tell a story about a square."]]
+    kwargs = dict(max_new_tokens=12, num_inference_steps=2, max_images=2)
+    seeds = [11, 12, 13]
+    batched = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    for k, prompt in enumerate(prompts):
+        single = pipe([prompt], generator=[torch.Generator().manual_seed(seeds[k])], **kwargs)
+        assert batched.text[k] == single.text[0]
+        assert kinds(batched.segments[k]) == kinds(single.segments[0])
+        for a, b in zip(batched.images[k], single.images[0]):
+            diff = (torch.tensor(list(a.getdata())) - torch.tensor(list(b.getdata()))).abs().max()
+            assert diff <= 1, "the same noise and conditions give the same picture"
+
+
+def test_streaming_yields_segments_in_order(make_pipeline):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    events = list(pipe.stream("draw.", max_new_tokens=24, num_inference_steps=2, max_images=2,
+                              generator=torch.Generator().manual_seed(3)))
+    assert events[-1].kind == "done"
+    produced = [e.kind for e in events if e.kind != "done"]
+    assert "image" in produced and "text" in produced
+    out = pipe("draw.", max_new_tokens=24, num_inference_steps=2, max_images=2, generator=torch.Generator().manual_seed(3))
+    assert "".join(e.text for e in events if e.kind == "text") == out.text[0]
+
+
+def test_max_images_and_max_new_tokens_are_limits(make_pipeline):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    out = pipe("draw.", max_new_tokens=10, num_inference_steps=1, max_images=0)
+    assert out.images[0] == [] and pipe.last_stats.text_tokens <= 10
+
+
+def test_output_types(make_pipeline):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    latent = pipe("draw.", max_new_tokens=8, num_inference_steps=1, max_images=1, output_type="latent")
+    array = pipe("draw.", max_new_tokens=8, num_inference_steps=1, max_images=1, output_type="np")
+    assert latent.images[0][0].shape == (4, 8, 8)
+    assert array.images[0][0].shape == (16, 16, 3) and 0 <= array.images[0][0].min() <= array.images[0][0].max() <= 1
+
+
+def test_callback_on_step_end_sees_every_flow_step(make_pipeline):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append(step)
+        return {"latents": kwargs["latents"]}
+
+    pipe("draw.", max_new_tokens=4, num_inference_steps=3, max_images=1, callback_on_step_end=callback)
+    assert seen[:3] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(num_inference_steps=-1), "num_inference_steps"),
+        (dict(guidance_scale=-0.5), "guidance_scale"),
+        (dict(image_guidance_scale=float("nan")), "image_guidance_scale"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(cfg_interval=(0.8, 0.2)), "cfg_interval"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(compression="zip:3"), "compression"),
+        (dict(max_new_tokens=5000), "context"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_them(make_pipeline, kwargs, name):
+    pipe = make_pipeline("llama")
+    with pytest.raises(ValueError, match=name):
+        pipe("draw a circle.", **kwargs)
+
+
+def test_empty_prompt_and_unreadable_image_are_rejected(make_pipeline, tmp_path):
+    from mmgen.image_tokenizer import open_image
+
+    pipe = make_pipeline("llama")
+    for empty in ("", "   \n\t", []):
+        with pytest.raises(ValueError, match="empty"):
+            pipe(empty)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ValueError, match="broken.png"):
+        open_image(broken)
+    with pytest.raises(TypeError, match="prompt items"):
+        pipe([3.5])
+
+
+def test_prompt_longer_than_the_context_is_rejected(make_pipeline):
+    pipe = make_pipeline("llama")
+    with pytest.raises(ValueError, match="prompt 0 is .* tokens"):
+        pipe("a red circle. " * 400, max_new_tokens=8)

@@ -1,0 +1,306 @@
+"""Specification of ShapesWorld: scenes, rendering, language and the task sampler."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from mmgen.segments import Image, Text
+from mmgen.shapesworld import (
+    BACKGROUND,
+    RELATIONS,
+    SHAPES,
+    TASKS,
+    Change,
+    Obj,
+    ObjSpec,
+    Scene,
+    ShapesWorld,
+    caption,
+    change_sentence,
+    is_clear,
+    parse_caption,
+    parse_change,
+    random_change,
+    random_scene,
+    relation,
+    render,
+    spec_matches,
+)
+from mmgen.shapesworld import language as lang
+from mmgen.shapesworld.scene import EDGE_MARGIN, MIN_GAP
+
+ALL_CATEGORIES = [c for cats in TASKS.values() for c in cats]
+
+
+# -- scenes ------------------------------------------------------------------------------------
+
+
+def test_relation_follows_the_dominant_axis_with_y_pointing_down():
+    a = Obj("circle", "red", "small", 0.2, 0.5)
+    b = Obj("square", "blue", "small", 0.8, 0.6)
+    assert relation(a, b) == "left of" and relation(b, a) == "right of"
+    top = Obj("circle", "red", "small", 0.5, 0.1)
+    bottom = Obj("square", "blue", "small", 0.45, 0.9)
+    assert relation(top, bottom) == "above" and relation(bottom, top) == "below"
+    assert is_clear(top, bottom) and not is_clear(Obj("star", "red", "small", 0.3, 0.3), Obj("star", "blue", "small", 0.5, 0.45))
+
+
+def test_random_scenes_are_valid_separated_and_two_object_relations_are_clear():
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = random_scene(rng)
+        assert 1 <= len(scene) <= 4
+        pairs = {(o.shape, o.color) for o in scene.objects}
+        assert len(pairs) == len(scene), "every (shape, colour) pair is unique within a scene"
+        for o in scene.objects:
+            assert EDGE_MARGIN <= o.x - o.radius and o.x + o.radius <= 1 - EDGE_MARGIN + 1e-9
+            assert EDGE_MARGIN <= o.y - o.radius and o.y + o.radius <= 1 - EDGE_MARGIN + 1e-9
+        for i, a in enumerate(scene.objects):
+            for b in scene.objects[i + 1 :]:
+                gap = a.radius + b.radius + MIN_GAP
+                assert abs(a.x - b.x) >= gap - 1e-9 or abs(a.y - b.y) >= gap - 1e-9
+        if len(scene) == 2:
+            assert is_clear(*scene.objects)
+
+
+def test_random_scene_honours_specs_and_relations():
+    rng = random.Random(1)
+    for rel in RELATIONS:
+        scene = random_scene(rng, specs=[ObjSpec("square", "blue"), ObjSpec("circle", "red", "large")], relations=[(1, rel, 0)])
+        square, circle = scene.objects
+        assert (square.shape, square.color) == ("square", "blue")
+        assert (circle.shape, circle.color, circle.size) == ("circle", "red", "large")
+        assert relation(circle, square) == rel and is_clear(circle, square)
+
+
+def test_scene_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        Obj("hexagon", "red", "small", 0.5, 0.5)
+    with pytest.raises(ValueError, match="color"):
+        Obj("circle", "pink", "small", 0.5, 0.5)
+    with pytest.raises(ValueError, match="x"):
+        Obj("circle", "red", "small", 1.5, 0.5)
+    with pytest.raises(ValueError, match="n_objects"):
+        random_scene(random.Random(0), n_objects=7)
+    with pytest.raises(TypeError):
+        random_scene(0)
+
+
+def test_changes_apply_as_described():
+    rng = random.Random(2)
+    circle, square = Obj("circle", "red", "small", 0.2, 0.25), Obj("square", "blue", "small", 0.5, 0.5)
+    scene = Scene((circle, square))
+
+    recolored = Change("recolor", ObjSpec("circle"), color="green").apply(scene, rng)
+    assert recolored.objects[0] == Obj("circle", "green", circle.size, circle.x, circle.y)
+    assert recolored.objects[1] == square
+
+    removed = Change("remove", ObjSpec("square")).apply(scene, rng)
+    assert removed.objects == (circle,)
+
+    added = Change("add", ObjSpec("star", "yellow"), relation="below", anchor=ObjSpec("circle")).apply(scene, rng)
+    assert added.objects[:2] == scene.objects
+    assert relation(added.objects[2], circle) == "below" and added.objects[2].color == "yellow"
+
+    current = relation(circle, square)
+    new_rel = next(r for r in RELATIONS if r != current)
+    moved = Change("move", ObjSpec("circle"), relation=new_rel, anchor=ObjSpec("square")).apply(scene, rng)
+    assert relation(moved.objects[0], square) == new_rel and moved.objects[1] == square
+
+    with pytest.raises(ValueError, match="refers to 0 objects"):
+        Change("remove", ObjSpec("triangle")).apply(scene, rng)
+
+
+def test_change_and_spec_dicts_round_trip_through_json():
+    rng = random.Random(3)
+    for _ in range(100):
+        scene = random_scene(rng)
+        change = random_change(rng, scene)
+        assert Change.from_dict(json.loads(json.dumps(change.to_dict()))) == change
+        assert Scene.from_dicts(json.loads(json.dumps(scene.to_dicts()))) == scene
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def test_render_is_deterministic_antialiased_and_sized():
+    scene = random_scene(random.Random(4), n_objects=3)
+    a, b = render(scene), render(scene)
+    assert a.mode == "RGB" and a.size == (64, 64)
+    assert a.tobytes() == b.tobytes()
+    pixels = np.asarray(a).reshape(-1, 3)
+    assert tuple(pixels[0]) == BACKGROUND
+    distinct = {tuple(p) for p in pixels}
+    assert len(distinct) > len(scene) + 1, "soft edges blend object colours into the background"
+    assert render(scene, size=128).size == (128, 128)
+
+
+def test_every_shape_renders_with_a_distinct_footprint():
+    masks = {}
+    for shape in SHAPES:
+        img = np.asarray(render(Scene((Obj(shape, "blue", "large", 0.5, 0.5),))))
+        masks[shape] = (np.abs(img.astype(int) - BACKGROUND).sum(-1) > 100)
+    for s1 in SHAPES:
+        for s2 in SHAPES:
+            if s1 < s2:
+                inter = (masks[s1] & masks[s2]).sum()
+                union = (masks[s1] | masks[s2]).sum()
+                assert inter / union < 0.85, f"{s1} and {s2} look too alike"
+
+
+# -- language ----------------------------------------------------------------------------------
+
+
+def test_captions_read_back_to_the_scene_for_many_draws():
+    rng = random.Random(5)
+    for _ in range(2000):
+        scene = random_scene(rng)
+        text = caption(scene, rng)
+        assert text == text.lower() and text.endswith(".")
+        assert spec_matches(scene.objects, parse_caption(text)), text
+
+
+def test_canonical_caption_states_the_relation_of_two_objects():
+    scene = Scene((Obj("square", "blue", "small", 0.75, 0.5), Obj("circle", "red", "small", 0.25, 0.5)))
+    assert caption(scene) == "a red circle left of a blue square."
+    spec = parse_caption("there is an orange star to the right of a large green circle.")
+    assert [(o.shape, o.color, o.size) for o in spec.objects] == [("star", "orange", None), ("circle", "green", "large")]
+    assert spec.relations == ((0, "right of", 1),)
+    counted = parse_caption("draw three triangles.")
+    assert [o.shape for o in counted.objects] == ["triangle"] * 3
+
+
+def test_change_sentences_read_back_for_many_draws():
+    rng = random.Random(6)
+    for _ in range(2000):
+        scene = random_scene(rng)
+        change = random_change(rng, scene)
+        for imperative in (False, True):
+            text = change_sentence(change, rng, imperative=imperative)
+            assert text.endswith(".") and text == text.lower()
+            assert parse_change(text) == change, text
+        assert parse_change(lang.story_step(change, rng)) == change
+
+
+def test_parsers_reject_text_outside_the_world_with_a_clear_error():
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_caption("a dog on a skateboard.")
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_change("the circle sings a song.")
+    with pytest.raises(TypeError):
+        parse_caption(None)
+
+
+def test_answers_normalise_case_digits_articles_and_relation_synonyms():
+    assert lang.normalize_answer(" Red.") == lang.normalize_answer("red")
+    assert lang.normalize_answer("3") == lang.normalize_answer("three.")
+    assert lang.normalize_answer("to the left of the square.") == lang.normalize_answer("left of the square")
+    assert lang.normalize_answer("blue.") != lang.normalize_answer("red.")
+
+
+# -- tasks -------------------------------------------------------------------------------------
+
+
+def _fingerprint(sample) -> str:
+    parts = [sample.task, sample.category, json.dumps(sample.spec, sort_keys=True)]
+    for seg in sample.prompt + sample.answer:
+        parts.append(seg.text if isinstance(seg, Text) else seg.image.tobytes().hex())
+    return "|".join(parts)
+
+
+def test_same_seed_gives_identical_samples_and_render_bytes():
+    a, b = ShapesWorld(seed=11), ShapesWorld(seed=11)
+    first = [_fingerprint(a.sample()) for _ in range(40)]
+    assert first == [_fingerprint(b.sample()) for _ in range(40)]
+    assert first != [_fingerprint(ShapesWorld(seed=12).sample()) for _ in range(40)]
+    assert _fingerprint(ShapesWorld(seed=11).sample_at(7)) == first[7], "sample i depends only on (seed, i)"
+
+
+def _check_well_formed(sample, size: int) -> None:
+    assert sample.category in TASKS[sample.task]
+    json.dumps(sample.spec)  # JSON-serialisable ground truth
+    assert sample.spec["task"] == sample.task and sample.spec["category"] == sample.category
+    for k, seg in enumerate(sample.prompt + sample.answer):
+        assert isinstance(seg, (Text, Image))
+        if isinstance(seg, Image):
+            assert seg.image is not None and seg.image.size == (size, size) and seg.image.mode == "RGB"
+        else:
+            first_of_prompt = k == 0
+            assert seg.text.startswith(" ") != first_of_prompt, f"leading-space convention broken: {seg.text!r}"
+            assert not seg.text.startswith("  ") and seg.text == seg.text.lower()
+            assert "<|" not in seg.text and seg.text.rstrip()[-1] in ".?"
+    prompt_text = "".join(s.text for s in sample.prompt if isinstance(s, Text))
+    answer_kinds = [type(s) for s in sample.answer]
+    if sample.task == "t2i":
+        assert [type(s) for s in sample.prompt] == [Text] and answer_kinds == [Image]
+        assert spec_matches(Scene.from_dicts(sample.spec["scene"]).objects, parse_caption(prompt_text), exact=False)
+    elif sample.task == "i2t":
+        assert [type(s) for s in sample.prompt] == [Image, Text] and answer_kinds == [Text]
+        assert prompt_text.endswith(("?", "."))
+    elif sample.task == "edit":
+        assert [type(s) for s in sample.prompt] == [Image, Text] and answer_kinds == [Image]
+        assert parse_change(prompt_text) == Change.from_dict(sample.spec["change"])
+    else:
+        n = len(sample.spec["scenes"])
+        assert 2 <= n <= 4 and answer_kinds == [Text, Image] * n
+        texts = [s.text.strip() for s in sample.answer if isinstance(s, Text)]
+        assert spec_matches(Scene.from_dicts(sample.spec["scenes"][0]).objects, parse_caption(texts[0]))
+        for text, change in zip(texts[1:], sample.spec["changes"]):
+            assert parse_change(text) == Change.from_dict(change)
+    # The images are the renders of the stored scenes.
+    scenes = {"t2i": [sample.spec.get("scene")], "edit": [sample.spec.get("target")]}.get(
+        sample.task, sample.spec.get("scenes", [])
+    )
+    images = [s.image for s in sample.answer if isinstance(s, Image)]
+    for img, scene in zip(images, scenes):
+        assert img.tobytes() == render(Scene.from_dicts(scene), size).tobytes()
+
+
+@pytest.mark.parametrize("category", ALL_CATEGORIES)
+def test_every_task_and_category_yields_well_formed_samples(category):
+    world = ShapesWorld(seed=3)
+    for _ in range(6):
+        sample = world.sample(category=category)
+        _check_well_formed(sample, 64)
+
+
+def test_story_prompts_state_the_steps_and_answers_repeat_them():
+    world = ShapesWorld(seed=4)
+    sample = world.sample(category="given")
+    texts = [s.text.strip() for s in sample.answer if isinstance(s, Text)]
+    assert sample.prompt[0].text.endswith(" ".join(texts))
+    assert lang.count_word(len(texts)) in sample.prompt[0].text
+    free = world.sample(category="free")
+    assert free.prompt[0].text.startswith(("tell a story", "make up a story"))
+
+
+def test_world_size_controls_every_image():
+    sample = ShapesWorld(seed=0, size=32).sample(task="edit")
+    assert all(s.image.size == (32, 32) for s in sample.prompt + sample.answer if isinstance(s, Image))
+
+
+def test_stream_is_endless_and_respects_tasks_and_weights():
+    world = ShapesWorld(seed=5)
+    stream = world.stream(tasks=["i2t", "edit"], weights=[1.0, 0.0])
+    tasks = {next(stream).task for _ in range(30)}
+    assert tasks == {"i2t"}
+    mixed = ShapesWorld(seed=5).stream()
+    assert len({next(mixed).task for _ in range(60)}) == 4
+
+
+def test_world_rejects_bad_arguments_with_clear_errors():
+    world = ShapesWorld(seed=0)
+    with pytest.raises(ValueError, match="unknown task"):
+        world.sample(task="video")
+    with pytest.raises(ValueError, match="unknown category"):
+        world.sample(category="vibes")
+    with pytest.raises(ValueError, match="belongs to task"):
+        world.sample(task="t2i", category="caption")
+    with pytest.raises(ValueError, match="weights"):
+        world.stream(tasks=["t2i"], weights=[1.0, 2.0])
+    with pytest.raises(TypeError):
+        ShapesWorld(seed="zero")

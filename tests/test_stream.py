@@ -1,0 +1,146 @@
+"""The interleaved stream: round trip, escaping, positions, masks and packing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmgen import Image, Text
+from mmgen.stream import (
+    IGNORE_INDEX,
+    IMAGE_START,
+    QUERY,
+    TEXT,
+    VISION,
+    StreamCodec,
+    build_attention_mask,
+    canonical,
+    image_ids_of,
+    pack_sequences,
+)
+
+from .conftest import ROOT, tiny_backbone, tiny_image_modules, tiny_vae
+
+
+def latent(seed: int) -> torch.Tensor:
+    return torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+texts = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40)
+segments = st.lists(
+    st.one_of(texts.map(Text), st.integers(0, 10_000).map(lambda s: Image(latent=latent(s)))), max_size=8
+).map(canonical)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(segments)
+def test_decode_of_encode_is_identity(tokenizer, segs):
+    codec = StreamCodec(tokenizer, num_queries=3)
+    counts = [5] * sum(isinstance(s, Image) for s in segs)
+    assert codec.decode(codec.encode(segs, counts)) == segs
+
+
+@settings(max_examples=200, deadline=None)
+@given(segments, st.integers(0, 8))
+def test_round_trip_holds_for_training_sequences_too(tokenizer, segs, answer_start):
+    codec = StreamCodec(tokenizer, num_queries=3)
+    counts = [2] * sum(isinstance(s, Image) for s in segs)
+    assert codec.decode(codec.encode(segs, counts, answer_start=min(answer_start, len(segs)))) == segs
+
+
+def test_adjacent_and_empty_text_are_merged_in_canonical_form(tokenizer):
+    codec = StreamCodec(tokenizer, num_queries=2)
+    segs = [Text("a red "), Text(""), Text("circle.")]
+    assert codec.decode(codec.encode(segs, [])) == [Text("a red circle.")]
+
+
+def test_user_text_with_special_tokens_never_yields_an_image_start(tokenizer):
+    codec = StreamCodec(tokenizer, num_queries=2)
+    hostile = f"look {IMAGE_START} here <|image_end|><|endoftext|>{IMAGE_START}"
+    encoded = codec.encode([Text(hostile)], [])
+    ids = encoded.input_ids.tolist()
+    for special in (codec.ids.image_start, codec.ids.image_end, codec.ids.eos, codec.ids.image_pad):
+        assert special not in ids
+    assert codec.decode(encoded) == [Text(hostile)]
+
+
+def test_image_layout_positions_and_modalities(tokenizer):
+    codec = StreamCodec(tokenizer, num_queries=3)
+    enc = codec.encode([Text("draw."), Image(latent=latent(0))], [4], answer_start=1)
+    span = enc.spans[0]
+    ids, pos, mod = enc.input_ids, enc.position_ids, enc.modality
+    assert ids[span.start] == codec.ids.image_start and ids[span.end] == codec.ids.image_end
+    assert (mod[span.query_slice] == QUERY).all() and (mod[span.vision_slice] == VISION).all()
+    p = int(pos[span.start])
+    assert (pos[span.query_slice] == p + 1).all() and (pos[span.vision_slice] == p + 1).all()
+    assert int(pos[span.end]) == p + 2
+    # the text before the image predicts <|image_start|>; nothing predicts queries, vision or <|image_end|>
+    assert enc.labels[span.start - 1] == codec.ids.image_start
+    assert (enc.labels[span.start : span.end] == IGNORE_INDEX).all()
+    assert enc.labels[span.end] == codec.ids.eos  # the image ends the answer
+    # a prompt image carries no queries
+    prompt_enc = codec.encode([Image(latent=latent(0)), Text("what is it?")], [4])
+    assert prompt_enc.spans[0].num_queries == 0 and (prompt_enc.labels == IGNORE_INDEX).all()
+
+
+def test_queries_are_read_out_only_and_text_dropout_blinds_them(tokenizer):
+    codec = StreamCodec(tokenizer, num_queries=2)
+    enc = codec.encode([Text("draw."), Image(latent=latent(0)), Text(" done.")], [3], answer_start=1)
+    n = len(enc)
+    span = enc.spans[0]
+    image_ids = image_ids_of(enc)
+    mask = build_attention_mask(torch.zeros(n, dtype=torch.long), enc.modality, image_ids,
+                                torch.zeros(n, dtype=torch.bool))
+    allowed = mask == 0
+    q = span.query_slice.start
+    later = span.vision_slice.start
+    assert not allowed[later, q], "vision tokens must not see the queries"
+    assert not allowed[n - 1, q], "later text must not see the queries"
+    assert allowed[q + 1, q] and allowed[q, 0], "queries see each other and the prefix"
+    blind = torch.zeros(n, dtype=torch.bool)
+    blind[span.query_slice] = True
+    blinded = build_attention_mask(torch.zeros(n, dtype=torch.long), enc.modality, image_ids, blind) == 0
+    assert not blinded[q, 0] and blinded[q, span.start], "a dropped-text query sees only its own image"
+
+
+def test_packed_sequence_gets_the_same_logits_as_alone(tokenizer):
+    """A token of sequence 2 in a packed row has the logits it has when its sequence runs alone."""
+    from mmgen.image_tokenizer import ImageTokenizer
+    from mmgen.model import UnifiedModel
+
+    backbone = tiny_backbone("llama", tokenizer)
+    model = UnifiedModel(backbone, tiny_image_modules(), ImageTokenizer(tiny_vae(), image_size=16, patch_size=2)).eval()
+    codec = StreamCodec(tokenizer, num_queries=4)
+    first = codec.encode([Text("a red circle."), Image(latent=latent(1))], [16], answer_start=1)
+    second = codec.encode([Image(latent=latent(2)), Text(" what colour is the circle?"), Text(" red.")], [4],
+                          answer_start=2, compressions=["pool:2"])
+    packed = pack_sequences([first, second], max_length=256, pad_id=codec.ids.pad)
+    alone = pack_sequences([second], max_length=256, pad_id=codec.ids.pad)
+    assert packed.input_ids.shape[0] == 1, "both sequences share one row"
+    with torch.no_grad():
+        hp, _ = model.run_backbone(model.embed(packed.input_ids, packed.spans, packed.latents), packed.position_ids,
+                                   packed.attention_mask)
+        ha, _ = model.run_backbone(model.embed(alone.input_ids, alone.spans, alone.latents), alone.position_ids,
+                                   alone.attention_mask)
+    offset = next(s.start for _, s in packed.spans if s.latent_index == 1)  # where `second` starts
+    n = len(second)
+    torch.testing.assert_close(model.logits(hp[0, offset : offset + n]), model.logits(ha[0, :n]), atol=1e-5, rtol=1e-5)
+    assert (packed.labels[0, offset : offset + n] == second.labels).all()
+
+
+def test_text_tokens_are_text_modality(tokenizer):
+    codec = StreamCodec(tokenizer, num_queries=1)
+    enc = codec.encode([Text("a square.")], [])
+    assert (enc.modality == TEXT).all() and enc.position_ids.tolist() == list(range(len(enc)))
+
+
+def test_hugging_face_tokenizers_is_not_shadowed_from_the_repo_root():
+    out = subprocess.run(
+        [sys.executable, "-c", "import transformers, tokenizers; print(tokenizers.__file__)"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    assert "site-packages" in out.stdout, out.stdout

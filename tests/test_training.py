@@ -1,0 +1,165 @@
+"""The trainer: learning, exact resume after SIGKILL, multi-process, pretrained parts and jsonl data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import yaml
+
+from mmgen.config import ModelArguments, TrainArguments, parse_config
+from mmgen.pipelines import MMGenPipeline
+from mmgen.training import Trainer
+
+from .conftest import TOKENIZER_DIR, tiny_backbone, tiny_vae
+
+TINY_MODEL = dict(
+    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_position_embeddings=1024,
+    image_size=16, patch_size=2, num_queries=4, head_hidden_size=32, head_layers=2, head_heads=2,
+    tokenizer=str(TOKENIZER_DIR),
+)
+TINY_TRAIN = dict(batch_size=6, max_length=512, learning_rate=3e-3, warmup_steps=3, flow_repeats=2, log_every=1,
+                  save_every=1000, data_workers=0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae")
+    tiny_vae().save_pretrained(path)
+    return path
+
+
+def write_config(path: Path, vae_dir: Path, **overrides) -> Path:
+    config = {**TINY_MODEL, **TINY_TRAIN, "vae": str(vae_dir), "output_dir": str(path / "run"), **overrides}
+    file = path / "config.yaml"
+    file.write_text(yaml.safe_dump(config))
+    return file
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_path, vae_dir):
+    export = tmp_path / "model"
+    config = write_config(tmp_path, vae_dir, max_steps=30, export_dir=str(export), recipe="configs/tiny.yaml")
+    model_args, args = parse_config((ModelArguments, TrainArguments), config)
+    rows = Trainer(model_args, args).train()
+    first = sum(r["loss"] for r in rows[:5]) / 5
+    last = sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.8 * first, f"loss went from {first:.3f} to {last:.3f}"
+    assert (tmp_path / "run" / "checkpoint" / "trainer_state.json").is_file()
+    pipe = MMGenPipeline.from_pretrained(export)
+    assert pipe.model.config.num_queries == TINY_MODEL["num_queries"]
+    card = (export / "README.md").read_text()
+    assert "configs/tiny.yaml" in card and (export / "training_curve.png").stat().st_size > 0
+
+
+def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path, vae_dir):
+    steps = 10
+    (tmp_path / "a").mkdir()
+    unbroken = write_config(tmp_path / "a", vae_dir, max_steps=steps, save_every=2)
+    subprocess.run([sys.executable, "-m", "mmgen.cli", "train", str(unbroken)], check=True, capture_output=True)
+    reference = {r["step"]: r["loss"] for r in read_log(tmp_path / "a" / "run")}
+
+    (tmp_path / "b").mkdir()
+    config = write_config(tmp_path / "b", vae_dir, max_steps=steps, save_every=2)
+    run = tmp_path / "b" / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mmgen.cli", "train", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        state = run / "checkpoint" / "trainer_state.json"
+        if state.is_file() and json.loads(state.read_text())["step"] >= 4:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert killed_at < steps, "the run must be killed before it finishes"
+    assert not (run / "checkpoint.tmp").exists() or not (run / "checkpoint.tmp" / "trainer_state.json").exists()
+    subprocess.run([sys.executable, "-m", "mmgen.cli", "train", str(config)], check=True, capture_output=True)
+    resumed = read_log(run)
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1)), "one log row per step, none doubled"
+    for row in resumed:
+        assert row["loss"] == pytest.approx(reference[row["step"]], rel=1e-5, abs=1e-6), row["step"]
+
+
+def test_two_process_smoke_run(tmp_path, vae_dir):
+    config = write_config(tmp_path, vae_dir, max_steps=3, save_every=3)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmgen.cli", "train", str(config)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_training_starts_from_pretrained_parts_on_disk(tmp_path, vae_dir, tokenizer, kind):
+    backbone_dir = tmp_path / "backbone"
+    backbone = tiny_backbone(kind, tokenizer)
+    backbone.save_pretrained(backbone_dir)
+    tokenizer.save_pretrained(backbone_dir)
+    config = write_config(tmp_path, vae_dir, max_steps=2)
+    model_args, args = parse_config((ModelArguments, TrainArguments), config,
+                                    ["--backbone", str(backbone_dir), "--vae", str(vae_dir)])
+    trainer = Trainer(model_args, args)
+    assert type(trainer.unwrapped.backbone).__name__ == type(backbone).__name__
+    start = trainer.unwrapped.backbone.get_input_embeddings().weight.detach().clone()
+    torch_equal = (start[:10] == backbone.get_input_embeddings().weight[:10]).all()
+    assert bool(torch_equal), "the backbone's pretrained weights are loaded"
+    rows = trainer.train()
+    assert len(rows) == 2
+
+
+def test_trains_on_interleaved_jsonl_with_image_folders(tmp_path, vae_dir):
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, color in enumerate([(200, 30, 30), (30, 30, 200)]):
+        PIL.Image.new("RGB", (16, 16), color).save(images / f"{k}.png")
+    rows = [
+        {"texts": ["a red square.", None, " then a blue one.", None], "images": [None, "0.png", None, "1.png"]},
+        {"texts": [None, "just text after an image."], "images": ["1.png", None]},
+    ]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(tmp_path, vae_dir, max_steps=2, data=str(data), images_dir=str(images), batch_size=2)
+    model_args, args = parse_config((ModelArguments, TrainArguments), config)
+    out = Trainer(model_args, args).train()
+    assert len(out) == 2 and all(r["flow_loss"] > 0 for r in out)
+
+
+def test_bad_configs_are_rejected_with_clear_messages(tmp_path, vae_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse_config((ModelArguments, TrainArguments), bad)
+    with pytest.raises(ValueError, match="not found"):
+        parse_config((ModelArguments, TrainArguments), tmp_path / "missing.yaml")
+    config = write_config(tmp_path, vae_dir, max_steps=2, compression_levels=["pool:3"])
+    model_args, args = parse_config((ModelArguments, TrainArguments), config)
+    with pytest.raises(ValueError, match="pool:3"):
+        Trainer(model_args, args)
+
+
+def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae_dir):
+    (tmp_path / "a").mkdir()
+    first = write_config(tmp_path / "a", vae_dir, max_steps=3, export_dir=str(tmp_path / "model"))
+    Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
+    (tmp_path / "b").mkdir()
+    second = write_config(tmp_path / "b", vae_dir, max_steps=5, init_from=str(tmp_path / "model"))
+    trainer = Trainer(*parse_config((ModelArguments, TrainArguments), second))
+    trainer.resume()
+    exported = MMGenPipeline.from_pretrained(tmp_path / "model")
+    assert trainer.step == 3
+    for name, tensor in exported.model.state_dict().items():
+        assert (trainer.unwrapped.image_modules.state_dict()[name] == tensor).all(), name
