@@ -104,9 +104,10 @@ def build_model(args: ModelArguments) -> tuple[UnifiedModel, object]:
         backbone = fresh_backbone(args, len(tokenizer), special_ids)
     vae = load_vae(args.vae)
     image_tokenizer = ImageTokenizer(vae, image_size=args.image_size, patch_size=args.patch_size)
-    hidden = backbone.get_input_embeddings().weight.shape[1]
+    embeddings = backbone.get_input_embeddings().weight.detach().float()
     image_modules = ImageModules(
-        backbone_hidden_size=hidden,
+        backbone_hidden_size=embeddings.shape[1],
+        embed_scale=embeddings.pow(2).mean().sqrt().item(),
         token_dim=image_tokenizer.token_dim,
         grid_size=image_tokenizer.grid_size,
         image_size=args.image_size,

@@ -27,7 +27,9 @@ class ImageModules(ModelMixin, ConfigMixin):
     """image_in + 2D positions + learned queries + compressor + flow head.
 
     `image_size` and `patch_size` record how the VAE's latents were cut into tokens, so a saved model
-    rebuilds its image tokenizer from the VAE alone.
+    rebuilds its image tokenizer from the VAE alone. `embed_scale` is the RMS of the backbone's token
+    embeddings: context-image tokens and queries start at that scale, so that the backbone's first norm
+    neither drowns the text beside them nor shrinks the gradient that reaches `image_in`.
     """
 
     @register_to_config
@@ -46,12 +48,15 @@ class ImageModules(ModelMixin, ConfigMixin):
         resampler_queries: list[int] | None = None,
         resampler_layers: int = 2,
         resampler_heads: int = 4,
+        embed_scale: float = 0.02,
     ):
         super().__init__()
         d = backbone_hidden_size
         self.image_in = nn.Sequential(nn.Linear(token_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.image_pos = nn.Linear(d, d)
-        self.queries = nn.Parameter(torch.randn(num_queries, d) * 0.02)
+        self.image_norm = nn.RMSNorm(d, eps=1e-6)
+        nn.init.constant_(self.image_norm.weight, embed_scale)
+        self.queries = nn.Parameter(torch.randn(num_queries, d) * embed_scale)
         # `resampler_queries` lists the levels of the learned resampler (resampler:R); none by default.
         self.compressor = VisualCompressor(
             grid_size, dim=d, resampler_queries=resampler_queries, resampler_layers=resampler_layers,
@@ -71,12 +76,13 @@ class ImageModules(ModelMixin, ConfigMixin):
     def embed_image_tokens(
         self, tokens: torch.Tensor, compression: str | CompressionSpec = "none", importance: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Patch tokens (B, N, token_dim) → context embeddings (B, M, d): project, compress, add 2D position.
+        """Patch tokens (B, N, token_dim) → context embeddings (B, M, d): project, compress, add 2D position,
+        and normalise to the scale of the text embeddings (the same at every compression level).
 
         `importance` (B, N) is the attention each token receives, used by prune-attn only."""
         x = self.image_in(tokens)
         x, coords = self.compressor(x, self.grid, compression, importance=importance)
-        return x + self.image_pos(grid_sincos(coords, x.shape[-1]).to(x.dtype))
+        return self.image_norm(x + self.image_pos(grid_sincos(coords, x.shape[-1]).to(x.dtype)))
 
 
 @dataclass
@@ -169,13 +175,31 @@ class UnifiedModel(nn.Module):
             if span.num_queries:
                 emb[row, span.query_slice] = self.image_modules.queries.to(emb.dtype)
         for (compression, _), members in groups.items():
-            stacked = torch.stack([latents[span.latent_index] for _, span in members])
-            vision = self.image_embeddings(stacked, compression).to(emb.dtype)
+            if self.image_modules.compressor.parse(compression).method == "prune-attn":
+                # Question-aware pruning: each image is read by the text that follows it, one image at a time.
+                vision = [
+                    self.image_embeddings(latents[span.latent_index][None], compression,
+                                          readers=self._reading_text(input_ids, row, span, spans))[0].to(emb.dtype)
+                    for row, span in members
+                ]
+            else:
+                stacked = torch.stack([latents[span.latent_index] for _, span in members])
+                vision = self.image_embeddings(stacked, compression).to(emb.dtype)
             for (row, span), tokens in zip(members, vision):
                 if tokens.shape[0] != span.num_vision:
                     raise ValueError(f"image span expects {span.num_vision} tokens, {compression} gives {tokens.shape[0]}")
                 emb[row, span.vision_slice] = tokens
         return emb
+
+    def _reading_text(self, input_ids: torch.Tensor, row: int, span: ImageSpan,
+                      spans: list[tuple[int, ImageSpan]], limit: int = 64) -> torch.Tensor | None:
+        """Embeddings (1, T, d) of the text right after an image's `<|image_end|>`, up to the row's next image
+        or `limit` tokens: the question that prune-attn asks the image. None if no text follows."""
+        begin = span.end + 1
+        next_images = [other.start for r, other in spans if r == row and other.start >= begin]
+        stop = min([begin + limit, input_ids.shape[1]] + next_images)
+        follows = input_ids[row, begin:stop]
+        return self.text_embeddings(follows)[None] if len(follows) else None
 
     # -- backbone -------------------------------------------------------------------------------
     def run_backbone(self, inputs_embeds, position_ids, attention_mask=None, past_key_values=None, use_cache=False):

@@ -6,11 +6,13 @@ place, so a crash at any moment leaves the previous checkpoint whole.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -98,14 +100,24 @@ class Trainer:
         if self.accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        final, old = self.output_dir / CHECKPOINT, self.output_dir / (CHECKPOINT + ".old")
+        try:
+            self.accelerator.save_state(str(tmp), safe_serialization=True)
+            if self.accelerator.is_main_process:
+                (tmp / STATE_FILE).write_text(json.dumps({"step": self.step, "seed": self.args.seed}))
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the last checkpoint is untouched
+            reason = "the disk is full" if err.errno == errno.ENOSPC else f"writing failed ({err})"
+            kept = f"the previous checkpoint {final} is intact" if final.exists() else "no earlier checkpoint exists"
+            raise OSError(
+                err.errno, f"could not write the checkpoint of step {self.step} to {tmp}: {reason}; {kept}"
+            ) from err
         if self.accelerator.is_main_process:
-            state = {"step": self.step, "seed": self.args.seed}
-            (tmp / STATE_FILE).write_text(json.dumps(state))
-            final, old = self.output_dir / CHECKPOINT, self.output_dir / (CHECKPOINT + ".old")
-            if old.exists():
-                shutil.rmtree(old)
+            # `old` is deleted only while a complete `final` exists, so a kill at any instant leaves
+            # `latest_checkpoint` a complete checkpoint (after a kill between the renames, that is `old`).
             if final.exists():
+                if old.exists():
+                    shutil.rmtree(old)
                 os.replace(final, old)
             os.replace(tmp, final)
             if old.exists():
@@ -137,8 +149,14 @@ class Trainer:
         model.image_modules.load_state_dict(source.model.state_dict())
         state = Path(folder) / "training_state.json"
         self.step = json.loads(state.read_text())["step"] if state.is_file() else 0
-        for _ in range(self.step):
-            self.schedule.step()
+        if self.step:
+            # Move the schedule to the exported step in one go. Torch warns about a scheduler step before any
+            # optimizer step, which is exactly the point here.
+            schedule = self.schedule.scheduler
+            schedule.last_epoch = self.step - 1
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                schedule.step()
         logger.info("initialised from %s at step %d", folder, self.step)
 
     # -- loop -----------------------------------------------------------------------------------

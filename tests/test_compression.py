@@ -9,6 +9,7 @@ import torch
 import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from mmgen import Image, Text
 from mmgen.attention_scores import received_attention
 from mmgen.compression import CompressionSpec, VisualCompressor, merge_tokens
 from mmgen.flow_head import square_grid
@@ -193,6 +194,23 @@ def test_prune_attn_through_the_model_keeps_subsets_of_the_full_embeddings(make_
             for row in range(2):
                 matches = (pruned[row][:, None] - full[row][None]).abs().amax(-1) < 1e-6  # (4, 16)
                 assert matches.any(1).all() and matches.sum() == 4
+
+
+def test_prune_attn_in_a_prompt_is_read_by_the_question_after_each_image(make_pipeline, monkeypatch):
+    pipe = make_pipeline("llama")
+    model, seen = pipe.unified, []
+    monkeypatch.setattr(model, "vision_attention", lambda patches, readers=None: (
+        seen.append(readers), torch.rand(patches.shape[0], patches.shape[1]))[1])
+    picture = PIL.Image.new("RGB", (16, 16), "red")
+    segments = [Image(image=picture), Text(" what color?"), Image(image=picture), Text(" and here?")]
+    encoded = pipe.codec.encode(pipe.encode_images(segments), [4, 4], compressions=["prune-attn:4"] * 2)
+    with torch.no_grad():
+        model.embed(encoded.input_ids[None], [(0, span) for span in encoded.spans], encoded.latents)
+    questions = [pipe.codec.tokenizer(" what color?", add_special_tokens=False).input_ids,
+                 pipe.codec.tokenizer(" and here?", add_special_tokens=False).input_ids]
+    assert len(seen) == 2
+    for readers, question in zip(seen, questions):
+        assert torch.equal(readers[0], model.text_embeddings(torch.tensor(question)))
 
 
 def test_resampler_starts_as_area_pooling(compressor):

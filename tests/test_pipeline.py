@@ -18,7 +18,7 @@ def kinds(segments) -> str:
 
 @pytest.mark.parametrize("backbone", BACKBONE_TYPES)
 def test_full_loop_text_image_text_image_runs_on_each_backbone(make_pipeline, backbone):
-    pipe = make_pipeline(backbone, image_scale=6.0)
+    pipe = make_pipeline(backbone, image_scale=5.0)
     out = pipe("draw a red circle.", max_new_tokens=24, num_inference_steps=2, max_images=2)
     assert isinstance(out, InterleavedPipelineOutput)
     pattern = kinds(out.segments[0])

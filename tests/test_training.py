@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from mmgen.config import ModelArguments, TrainArguments, parse_config
+from mmgen.model import cosine_with_warmup
 from mmgen.pipelines import MMGenPipeline
 from mmgen.training import Trainer
 
@@ -161,5 +162,8 @@ def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae
     trainer.resume()
     exported = MMGenPipeline.from_pretrained(tmp_path / "model")
     assert trainer.step == 3
+    args = trainer.args
+    expected = args.learning_rate * cosine_with_warmup(3, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    assert trainer.schedule.get_last_lr()[0] == pytest.approx(expected)
     for name, tensor in exported.model.state_dict().items():
         assert (trainer.unwrapped.image_modules.state_dict()[name] == tensor).all(), name
