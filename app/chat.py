@@ -26,7 +26,7 @@ from gradio.utils import get_upload_folder
 from mmgen.pipelines import GenerationStats, MMGenPipeline
 from mmgen.segments import Image, Segment, Text
 
-from .uploads import open_image
+from .uploads import UploadRejected, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,10 @@ def _item_segment(item) -> Segment | None:
         return Text(item) if item.strip() else None
     if isinstance(item, dict):
         if item.get("type") == "text":
-            return Text(item["text"]) if item["text"].strip() else None
+            text = item.get("text")
+            if not isinstance(text, str):
+                raise ValueError(f"a text item of the chat history must hold a string, got {text!r}")
+            return Text(text) if text.strip() else None
         file = item.get("file") if item.get("type") == "file" else item
         if isinstance(file, dict) and file.get("path"):
             return Image(open_image(file["path"]))
@@ -124,14 +127,42 @@ def history_segments(history: list[dict]) -> list[Segment]:
     return segments
 
 
-def message_segments(message: dict) -> list[Segment]:
-    """A new user message (`{"text", "files"}` from the textbox): its images first, then its text, as in
-    the ShapesWorld question and edit prompts."""
-    files = [f.get("path") if isinstance(f, dict) else f for f in message.get("files") or []]
-    segments: list[Segment] = [Image(open_image(path)) for path in files]
+def chat_history(history) -> list[dict]:
+    """The chat so far as a list of message dicts; API clients can send anything here."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise ValueError(f"the chat history must be a list of messages, got {type(history).__name__}")
+    for n, message in enumerate(history):
+        if not isinstance(message, dict):
+            raise ValueError(f"chat history item {n} is not a message (a dict with a role and content)")
+    return list(history)
+
+
+def user_message(message) -> dict:
+    """The textbox value as `{"text": str, "files": [path, ...]}`. API clients can send anything here, so
+    each part is checked; a bare string is taken as the text."""
+    if not isinstance(message, dict):
+        message = {"text": "" if message is None else str(message)}
     text = message.get("text") or ""
-    if text.strip():
-        segments.append(Text(text))
+    if not isinstance(text, str):
+        raise ValueError(f"the message text must be a string, got {type(text).__name__}")
+    files = message.get("files") or []
+    if not isinstance(files, (list, tuple)):
+        raise ValueError(f"the message's files must be a list of uploaded files, got {type(files).__name__}")
+    paths = [f.get("path") if isinstance(f, dict) else f for f in files]
+    for path in paths:
+        if not isinstance(path, str) or not path:
+            raise UploadRejected(f"an attached file must be given by the path of an upload, got {path!r}")
+    return {"text": text, "files": paths}
+
+
+def message_segments(message: dict) -> list[Segment]:
+    """A new user message (as `user_message` gives it): its images first, then its text, as in the
+    ShapesWorld question and edit prompts."""
+    segments: list[Segment] = [Image(open_image(path)) for path in message["files"]]
+    if message["text"].strip():
+        segments.append(Text(message["text"]))
     return segments
 
 

@@ -22,11 +22,13 @@ from .chat import (
     ERROR_TITLE,
     AnswerStream,
     GenerationSettings,
+    chat_history,
     history_segments,
     image_folder,
     message_segments,
     spaced,
     stats_line,
+    user_message,
 )
 from .example_prompts import EXAMPLES
 from .uploads import IMAGE_EXTENSIONS, MAX_UPLOAD_BYTES, UploadRejected, open_image
@@ -66,10 +68,10 @@ def compression_choices(pipe: MMGenPipeline) -> list[str]:
 
 
 def _user_message(message: dict) -> dict:
-    """The user's turn as shown in the chat: images first, then text, as the prompt reads it."""
-    files = [f.get("path") if isinstance(f, dict) else f for f in message.get("files") or []]
-    content: list = [{"path": path} for path in files]
-    if (message.get("text") or "").strip():
+    """The user's turn (as `user_message` gives it) as shown in the chat: images first, then text, as the
+    prompt reads it."""
+    content: list = [{"path": path} for path in message["files"]]
+    if message["text"].strip():
         content.append(message["text"])
     return {"role": "user", "content": content}
 
@@ -86,9 +88,15 @@ def respond(pipe: MMGenPipeline, lock: threading.Lock, message: dict | None, his
     failed turn are left out of later prompts.
     """
     settings = GenerationSettings(*controls)
-    history = list(history or [])
-    message = message if isinstance(message, dict) else {"text": str(message or "")}
-    if not (message.get("text") or "").strip() and not message.get("files"):
+    valid: list = []  # what can be shown back: a malformed history is not
+    try:
+        history = valid = chat_history(history)
+        message = user_message(message)
+    except ValueError as err:
+        gr.Warning(str(err))
+        yield valid + [_error_message(str(err))], ""
+        return
+    if not message["text"].strip() and not message["files"]:
         gr.Info("Type a message or attach an image first.")
         yield history, gr.skip()
         return
@@ -102,7 +110,7 @@ def _answer(pipe: MMGenPipeline, lock: threading.Lock, message: dict, history: l
     shown = [_user_message(message)]
     answer = AnswerStream(pipe, lock)
     try:
-        for path in (f.get("path") if isinstance(f, dict) else f for f in message.get("files") or []):
+        for path in message["files"]:
             open_image(path)  # reject a bad upload before the turn is shown with it
         yield history + shown, "*generating…*"
         prompt = spaced(history_segments(history) + message_segments(message))
@@ -111,7 +119,7 @@ def _answer(pipe: MMGenPipeline, lock: threading.Lock, message: dict, history: l
     except (ValueError, TypeError) as err:  # user-facing messages: bad uploads and bad settings
         logger.info("turn refused: %s", err)
         if isinstance(err, UploadRejected):
-            shown = [{"role": "user", "content": message.get("text") or "(an image)"}]
+            shown = [{"role": "user", "content": message["text"] or "(an image)"}]
         gr.Warning(str(err))
         partial = [{"role": "assistant", "content": list(answer.content)}] if answer.content else []
         yield history + shown + partial + [_error_message(str(err))], ""
@@ -218,10 +226,14 @@ def build_demo(pipe: MMGenPipeline, concurrency_limit: int = 1, defaults: Genera
 def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
           block: bool = True) -> gr.Blocks:
     """Start the server with the demo's upload limit. No extra folders are served (`allowed_paths` stays
-    empty). With `block=False` it returns at once and `demo.close()` stops it."""
+    empty). With `block=False` it returns at once and `demo.close()` stops it.
+
+    `show_error` passes Gradio's own refusals (a file that was not uploaded, a value out of a slider's
+    range, a malformed chat) to API clients; the chat handler catches its own errors and words them."""
     demo.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
         max_file_size=MAX_UPLOAD_BYTES, css=CSS, ssr_mode=False, quiet=not block, footer_links=["api"],
+        show_error=True,
     )
     return demo
 

@@ -57,6 +57,8 @@ def open_image(path: str | Path, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: 
     if not resolved.is_file():
         raise UploadRejected(f"{name}: the file is gone; upload it again")
     size = resolved.stat().st_size
+    if size == 0:
+        raise UploadRejected(f"{name}: the file is empty (0 bytes)")
     if size > max_bytes:
         raise UploadRejected(f"{name}: {size / 2**20:.1f} MB is over the {max_bytes / 2**20:.0f} MB upload limit")
     try:

@@ -19,6 +19,7 @@ from typing import Any
 
 import PIL.Image
 
+from mmgen.image_tokenizer import open_image
 from mmgen.segments import Image, Segment, Text
 
 __all__ = [
@@ -164,7 +165,7 @@ def load_image(
 ) -> PIL.Image.Image:
     """Load an image referenced by a data file, resolved against `base_dir` unless absolute.
 
-    Images are converted to RGB and fully read, so no file handle stays open.
+    Images are converted to RGB (transparency onto white) and fully read, so no file handle stays open.
     """
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ValueError(f"sample {sample_id!r}: image path must be a non-empty string, got {path!r}")
@@ -174,10 +175,9 @@ def load_image(
     if not resolved.is_file():
         raise ValueError(f"sample {sample_id!r}: image not found: {resolved}")
     try:
-        with PIL.Image.open(resolved) as im:
-            return im.convert("RGB")
-    except (OSError, PIL.UnidentifiedImageError) as e:
-        raise ValueError(f"sample {sample_id!r}: cannot read image {resolved}: {e}") from e
+        return open_image(resolved)  # the size is checked before decoding: a bomb is refused
+    except ValueError as e:
+        raise ValueError(f"sample {sample_id!r}: {e}") from None
 
 
 def segments_to_json(

@@ -30,6 +30,9 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip() and not args.image:
         raise ValueError("prompt is empty: give some text or an --image")
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} is a file")
     images = [_read_image(p) for p in args.image or []]
     prompt = [*images, args.prompt] if args.prompt.strip() else images
     pipe = _load_pipeline(args.model)
@@ -45,7 +48,6 @@ def cmd_generate(args) -> int:
         temperature=args.temperature,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines, written, k = [], [], 0
     for segment in out.segments[0]:
@@ -194,14 +196,21 @@ def main(argv: list[str] | None = None) -> int:
         "demo": lambda: cmd_demo(args),
         "info": lambda: cmd_info(args),
     }
+    name = f"eval {args.suite}" if args.command == "eval" else args.command
     try:
         return handlers[args.command]()
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"mmgen {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as err:  # bad input, and files or disks that fail
+        print(f"mmgen {name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mmgen {args.command}: interrupted", file=sys.stderr)
+        print(f"mmgen {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: one line for users, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"mmgen {name}: internal error: {type(err).__name__}: {err} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def parse_config(
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
         try:
-            defaults = yaml.safe_load(path.read_text()) or {}
+            defaults = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config file {path} is not valid UTF-8 (byte {err.start})") from None
         except yaml.YAMLError as err:
             raise ValueError(f"config file {path} is not valid YAML/JSON: {err}") from None
         if not isinstance(defaults, dict):

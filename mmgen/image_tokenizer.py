@@ -132,6 +132,8 @@ def open_image(path, max_pixels: int = MAX_IMAGE_PIXELS) -> PIL.Image.Image:
     from pathlib import Path
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"image path is a folder, not an image file: {path}")
     if not path.is_file():
         raise ValueError(f"image file not found: {path}")
     if path.stat().st_size == 0:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .config import ModelArguments
@@ -35,7 +36,62 @@ def check_model_folder(path: str | Path, what: str) -> Path:
                 "mmgen loads safetensors only: convert them first"
             )
         raise ValueError(f"{what} folder {folder} has no .safetensors weights")
+    for file in folder.glob("*.safetensors"):
+        try:  # reads the header only: a torn or foreign file fails here, not deep inside a loader
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file} is damaged or incomplete ({err}); copy or export the model again") from None
     return folder
+
+
+# Libraries a pipeline folder's model_index.json may name for its components. Anything else would make
+# diffusers import a module the folder chose, which is remote code by another door.
+PIPELINE_LIBRARIES = ("transformers", "diffusers", "mmgen")
+WEIGHTED_COMPONENTS = {"backbone": "backbone", "vae": "VAE", "model": "image modules", "drafter": "drafter"}
+
+
+def check_pipeline_folder(path: str | Path) -> Path:
+    """A pipeline folder whose `model_index.json` and components are all there, readable and safe to load.
+
+    Every fault is named before any weight is read: a missing component folder, JSON that is not valid
+    UTF-8 JSON, a component from an unexpected library, or weights in pickle format instead of safetensors.
+    """
+    folder = Path(path)
+    index_file = folder / "model_index.json"
+    if not folder.is_dir() or not index_file.is_file():
+        raise ValueError(f"model folder not found or incomplete (no model_index.json): {folder}")
+    index = _read_json(index_file)
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file} must hold a JSON object")
+    for name, entry in index.items():
+        if name.startswith("_") or entry in (None, [None, None]):
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise ValueError(f"{index_file}: component {name!r} must be [library, class], got {entry!r}")
+        library = entry[0]
+        if library.split(".")[0] not in PIPELINE_LIBRARIES:
+            raise ValueError(
+                f"{index_file}: component {name!r} comes from library {library!r}; mmgen loads components "
+                f"from {', '.join(PIPELINE_LIBRARIES)} only"
+            )
+        component = folder / name
+        if not component.is_dir():
+            raise ValueError(f"model folder {folder} is incomplete: component {name!r} has no folder {component}")
+        for file in component.glob("*.json"):
+            _read_json(file)
+        if name in WEIGHTED_COMPONENTS:
+            check_model_folder(component, WEIGHTED_COMPONENTS[name])
+    return folder
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not valid UTF-8 (byte {err.start}): is the file damaged?") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
 
 
 def load_tokenizer(path: str | Path):

@@ -129,15 +129,19 @@ class Trainer:
         if checkpoint is None:
             if self.args.init_from:
                 self.init_from(self.args.init_from)
-            return False
-        self.accelerator.load_state(str(checkpoint))
-        self.step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+        else:
+            self.accelerator.load_state(str(checkpoint))
+            self.step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+            logger.info("resumed from %s at step %d", checkpoint, self.step)
+        # Rows past the starting step were logged by a run killed before its next checkpoint (even its
+        # first one): they are done again, so they go.
         log = self.output_dir / LOG_FILE
         if self.accelerator.is_main_process and log.is_file():
             kept = [row for row in read_log(log) if row["step"] <= self.step]
-            log.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        logger.info("resumed from %s at step %d", checkpoint, self.step)
-        return True
+            tmp = log.with_name(LOG_FILE + ".tmp")  # a kill while rewriting leaves the old log whole
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            os.replace(tmp, log)
+        return checkpoint is not None
 
     def init_from(self, folder: str | os.PathLike) -> None:
         """Start from the weights of a saved pipeline, at the step it was exported at."""

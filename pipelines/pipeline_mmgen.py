@@ -12,6 +12,7 @@ The loop is a state machine per row of the batch:
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,11 +22,13 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
+from safetensors import SafetensorError
 
 from mmgen import drafting
 from mmgen.compression import CompressionSpec
 from mmgen.config import DEFAULT_MODEL_DIR
 from mmgen.image_tokenizer import ImageTokenizer
+from mmgen.loading import check_pipeline_folder
 from mmgen.model import ImageModules, UnifiedModel
 from mmgen.segments import Image, Segment, Text, as_segments
 from mmgen.stream import QUERY, VISION, StreamCodec
@@ -141,6 +144,23 @@ class _Row:
     latent: torch.Tensor | None = None
 
 
+def _check_segment(k: int, segment: Segment) -> None:
+    """Refuse what would otherwise fail deep inside the tokenizer or the VAE, naming the prompt."""
+    if isinstance(segment, Text):
+        try:
+            segment.text.encode("utf-8")
+        except UnicodeEncodeError as err:  # lone surrogates: invalid UTF-8 decoded with surrogateescape
+            raise ValueError(
+                f"prompt {k} holds text that is not valid Unicode (an unpaired surrogate at character "
+                f"{err.start}); was it read from a file or argument that is not UTF-8?"
+            ) from None
+        return
+    if segment.image is not None and 0 in segment.image.size:
+        raise ValueError(f"prompt {k} holds an image with no pixels ({segment.image.width}x{segment.image.height})")
+    if segment.latent is not None and not torch.isfinite(segment.latent).all():
+        raise ValueError(f"prompt {k} holds an image latent with NaN or infinite values")
+
+
 class MMGenPipeline(DiffusionPipeline):
     """Generates interleaved text and images from a prompt of text and images.
 
@@ -166,15 +186,13 @@ class MMGenPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None = None, **kwargs) -> MMGenPipeline:
         """Load from a local folder; with no path, the embedded default model. Safetensors only, no hub."""
-        path = Path(pretrained_model_name_or_path or DEFAULT_MODEL_DIR)
-        if not path.is_dir() or not (path / "model_index.json").is_file():
-            raise ValueError(f"model folder not found or incomplete (no model_index.json): {path}")
+        path = check_pipeline_folder(pretrained_model_name_or_path or DEFAULT_MODEL_DIR)
         kwargs.setdefault("use_safetensors", True)
         kwargs.setdefault("local_files_only", True)
         kwargs.setdefault("low_cpu_mem_usage", False)
         try:
             pipe = super().from_pretrained(str(path), **kwargs)
-        except OSError as err:
+        except (OSError, ValueError, SafetensorError) as err:  # a damaged file the checks cannot see
             raise ValueError(f"could not load the model folder {path}: {err}") from None
         return pipe
 
@@ -211,9 +229,10 @@ class MMGenPipeline(DiffusionPipeline):
 
     # -- inputs ---------------------------------------------------------------------------------
     def check_inputs(self, prompts, max_new_tokens, num_inference_steps, guidance_scale, image_guidance_scale,
-                     cfg_interval, max_images, temperature, top_k, top_p, output_type, generator):
+                     cfg_interval, max_images, temperature, top_k, top_p, output_type, generator,
+                     cfg_renorm=False, callback_on_step_end=None):
         def number(name, value, low, integer=False, allow_equal=True):
-            kind = int if integer else (int, float)
+            kind = numbers.Integral if integer else numbers.Real
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
             if not math.isfinite(value) or value < low or (not allow_equal and value == low):
@@ -223,6 +242,14 @@ class MMGenPipeline(DiffusionPipeline):
             raise ValueError("prompt is empty: give text, an image, or a list of them")
         number("max_new_tokens", max_new_tokens, 1, integer=True)
         number("num_inference_steps", num_inference_steps, 1, integer=True)
+        # More steps than the scheduler has training timesteps add nothing but time: a huge count would
+        # hold the demo's queue for hours.
+        max_steps = self.scheduler.config.num_train_timesteps
+        if num_inference_steps > max_steps:
+            raise ValueError(
+                f"num_inference_steps must be <= {max_steps} (the scheduler's training timesteps), "
+                f"got {num_inference_steps}"
+            )
         number("guidance_scale", guidance_scale, 0)
         number("image_guidance_scale", image_guidance_scale, 0)
         number("max_images", max_images, 0, integer=True)
@@ -239,8 +266,15 @@ class MMGenPipeline(DiffusionPipeline):
             raise ValueError(f"cfg_interval must be (low, high) with 0 <= low <= high <= 1, got {cfg_interval!r}")
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(f"generator must be a torch.Generator, a list of them, or None, got {generator!r}")
         if isinstance(generator, list) and len(generator) != len(prompts):
             raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts")
+        if not isinstance(cfg_renorm, bool):
+            raise TypeError(f"cfg_renorm must be True or False, got {cfg_renorm!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
 
     def normalize_prompts(self, prompt) -> list[list[Segment]]:
         """Prompts as segment lists. As in diffusers, a list whose items are all strings or lists is a batch
@@ -252,6 +286,8 @@ class MMGenPipeline(DiffusionPipeline):
         for k, segments in enumerate(batch):
             if not any(isinstance(s, Image) or s.text.strip() for s in segments):
                 raise ValueError(f"prompt {k} is empty: it has no image and no non-whitespace text")
+            for segment in segments:
+                _check_segment(k, segment)
         return batch
 
     def encode_images(self, segments: list[Segment]) -> list[Segment]:
@@ -348,7 +384,8 @@ class MMGenPipeline(DiffusionPipeline):
         """The generation loop as a generator of `StreamEvent`s, in the order things are produced."""
         prompts = self.normalize_prompts(prompt)
         self.check_inputs(prompts, max_new_tokens, num_inference_steps, guidance_scale, image_guidance_scale,
-                          cfg_interval, max_images, temperature, top_k, top_p, output_type, generator)
+                          cfg_interval, max_images, temperature, top_k, top_p, output_type, generator,
+                          cfg_renorm, callback_on_step_end)
         guidance = Guidance(guidance_scale, image_guidance_scale, tuple(cfg_interval), cfg_renorm)
         compression = str(CompressionSpec.parse(compression))
         generated_compression = str(CompressionSpec.parse(generated_compression or compression))

@@ -1,10 +1,16 @@
-"""Shared tiny fixtures: the committed ShapesWorld tokenizer, and tiny random backbones, VAEs and pipelines."""
+"""Shared tiny fixtures: the committed ShapesWorld tokenizer, tiny random backbones, VAEs and pipelines, and the
+helpers of the demo tests (a free port, Gradio's upload folder, a decompression bomb)."""
 
 from __future__ import annotations
 
+import io
 import os
+import socket
+import struct
+import zlib
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -28,6 +34,16 @@ def grad_mode_is_left_as_found():
     leaked = not torch.is_grad_enabled()
     torch.set_grad_enabled(True)
     assert not leaked, "this test left torch's grad mode disabled"
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny matrix products gain nothing from more, and a child process
+    started with OMP_NUM_THREADS=1 then computes the same floating-point sums."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +90,43 @@ def tiny_pipeline(tokenizer, kind: str = "llama", image_scale: float = 1.0, seed
     return pipe
 
 
+@pytest.fixture(scope="session")
+def model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A tiny pipeline saved as a model folder, for the command line and `from_pretrained`."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny_pipeline(tokenizer, "llama", image_scale=6.0).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def make_pipeline(tokenizer):
     def make(kind: str = "llama", image_scale: float = 1.0, seed: int = 0) -> MMGenPipeline:
         return tiny_pipeline(tokenizer, kind, image_scale, seed)
 
     return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid 1×1 PNG whose header claims `width`×`height` pixels: a decompression bomb's signature."""
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+@pytest.fixture
+def upload_dir(tmp_path, monkeypatch):
+    """Gradio's upload folder, moved into the test's tmp dir."""
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder))
+    return folder

@@ -7,12 +7,8 @@ specifications of the conversation logic and the upload checks run without the s
 from __future__ import annotations
 
 import inspect
-import io
 import os
-import socket
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import httpx
@@ -30,6 +26,8 @@ from mmgen.app.uploads import MAX_UPLOAD_BYTES, UploadRejected, open_image
 from mmgen.pipelines import GenerationStats
 from mmgen.segments import Image, Text
 
+from .conftest import free_port, png_declaring
+
 STORY = "a story in two pictures: a red circle. then the circle turns blue."
 FAST = GenerationSettings(max_new_tokens=12, num_inference_steps=2, max_images=2)
 
@@ -38,23 +36,6 @@ def controls(**changes) -> list:
     """The controls of the `/chat` endpoint, in `GenerationSettings` order."""
     values = {**FAST.__dict__, **changes}
     return [values[name] for name in GenerationSettings.__dataclass_fields__]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid 1×1 PNG whose header claims `width`×`height` pixels: a decompression bomb's signature."""
-    buffer = io.BytesIO()
-    PIL.Image.new("RGB", (1, 1)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
 
 
 def assistant_items(chat: list) -> list[dict]:
@@ -206,15 +187,6 @@ def test_compression_choices_are_the_ones_the_model_supports(pipe):
 
 
 # -- the conversation and the upload checks -----------------------------------------------------------
-@pytest.fixture
-def upload_dir(tmp_path, monkeypatch):
-    """Gradio's upload folder, moved into the test's tmp dir."""
-    folder = tmp_path / "uploads"
-    folder.mkdir()
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder))
-    return folder
-
-
 def shape_picture(folder: Path, name: str, color: str) -> Path:
     path = folder / name
     PIL.Image.new("RGB", (16, 16), color).save(path)

@@ -6,28 +6,11 @@ import json
 
 import PIL.Image
 import pytest
-import torch
 
 from mmgen.cli import main
 from mmgen.pipelines import MMGenPipeline
 
-from .conftest import tiny_pipeline
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models do tiny matrix products; on a shared CPU, syncing threads costs more than it saves."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    tiny_pipeline(tokenizer, "llama", image_scale=6.0).save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrix products: threads cost more than they save
 
 
 @pytest.fixture
