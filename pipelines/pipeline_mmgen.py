@@ -4,8 +4,10 @@ The loop is a state machine per row of the batch:
 
     TEXT      decode tokens until <|image_start|>, EOS or a limit; with a drafter, the row's chunk carries
               drafted tokens after its pending one and the same forward verifies them (DESIGN.md §6);
-    IMAGE     forward <|image_start|> and the queries once, run the flow head for N steps with text and
-              image guidance (their branches are forwarded once per image), decode with the VAE;
+    IMAGE     forward <|image_start|> and the queries once, then wait with the query states until no row
+              is still writing text, so the rows that reached an image draw it together;
+    DRAW      run the flow head for N steps with text and image guidance (their branches are forwarded
+              once per image), one batched call for all waiting rows, and decode with the VAE;
     FEEDBACK  embed and compress the new latent, append `v.. <|image_end|>` to the cache, back to TEXT.
 """
 
@@ -36,7 +38,7 @@ from mmgen.stream import TEXT as TEXT_TOKEN
 
 from .decoding import BatchCache, Chunk, fresh_forward, sample_tokens
 
-TEXT, IMAGE, FEEDBACK, DONE = "text", "image", "feedback", "done"
+TEXT, IMAGE, DRAW, FEEDBACK, DONE = "text", "image", "draw", "feedback", "done"
 
 
 @dataclass
@@ -141,6 +143,7 @@ class _Row:
     text_passes: int = 0
     images: int = 0
     image_position: int = 0
+    query_states: torch.Tensor | None = None  # the condition of the image the row waits to draw
     latent: torch.Tensor | None = None
 
 
@@ -438,10 +441,10 @@ class MMGenPipeline(DiffusionPipeline):
                     row.chunk = self._text_chunk(row, drafts.get(row.index))
                 elif row.phase == IMAGE:
                     row.chunk = self._query_chunk(row)
-                # A row in FEEDBACK already holds its chunk: the image it just drew.
+                # A row in FEEDBACK already holds its chunk: the image it just drew; a row in DRAW waits.
             phases = {r.index: r.phase for r in active}
             offset = len(cache)
-            hidden = cache.forward([r.chunk if r.phase != DONE else None for r in rows])
+            hidden = cache.forward([r.chunk if r.phase in (TEXT, IMAGE, FEEDBACK) else None for r in rows])
             stats.target_forwards += 1
             speaking = [r for r in active if phases[r.index] in (TEXT, FEEDBACK)]
             entering = [r for r in active if phases[r.index] == IMAGE]
@@ -462,10 +465,15 @@ class MMGenPipeline(DiffusionPipeline):
             if draft is not None:
                 for row in entering:
                     self._tell_drafter(draft, row.index, row.chunk, hidden[row.index])
-            if entering:
-                q = model.num_queries
-                cond = torch.stack([hidden[r.index][-q:] for r in entering])
-                yield from self._image_phase(entering, cond, num_inference_steps, guidance, output_type,
+            for row in entering:
+                row.query_states = hidden[row.index][-model.num_queries:]
+                row.phase = DRAW
+            # Drawing dominates the cost of a step, so rows that reach an image wait for the rest of the batch:
+            # one batched flow-head call per step then serves them all. Waiting changes no row's output.
+            drawing = [r for r in rows if r.phase == DRAW]
+            if drawing and all(r.phase in (DRAW, DONE) for r in rows):
+                cond = torch.stack([r.query_states for r in drawing])
+                yield from self._image_phase(drawing, cond, num_inference_steps, guidance, output_type,
                                              callback_on_step_end, generated_compression)
         stats.text_tokens = sum(r.new_tokens for r in rows)
         stats.text_forwards = sum(r.text_passes for r in rows)
@@ -733,7 +741,7 @@ class MMGenPipeline(DiffusionPipeline):
         self.last_stats.images += len(rows)
         self.last_stats.image_seconds += time.perf_counter() - started
         for row, latent, pil in zip(rows, latents, pixels):
-            row.latent = latent
+            row.latent, row.query_states = latent, None
             row.images += 1
             row.phase = FEEDBACK
             row.chunk = self._feedback_chunk(row, generated_compression)

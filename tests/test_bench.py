@@ -28,9 +28,12 @@ def test_story_image_and_batch_cases_write_their_ratios(model_dir, tmp_path, cap
     assert set(results) == {"story", "image", "batch"}
     ratios = {k: v for r in results.values() for k, v in r["ratios"].items()}
     assert set(ratios) == {"story_vs_reforward", "image_ctx16_vs_ctx0_ours", "image_ctx16_vs_ctx0_in_backbone",
-                           "batch8_vs_batch1_throughput"}
+                           "batch8_vs_batch1_throughput", "batch8_vs_batch1_text_throughput"}
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
     assert {row["context_images"] for row in results["image"]["rows"]} == {0, 16}
+    # The context ratios compare the same guidance branches; image guidance is reported on its own row.
+    assert {(row["guidance"], row["context_images"]) for row in results["image"]["rows"]} == {
+        ("text", 0), ("text", 16), ("text + image", 16)}
     printed = capsys.readouterr().out
     assert "story_vs_reforward" in printed and f"wrote {out}" in printed
 

@@ -49,7 +49,15 @@ def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline):
     prompts = [["draw a red circle."], [picture, " what colour is it?"], ["tell a story about a square."]]
     kwargs = dict(max_new_tokens=12, num_inference_steps=2, max_images=2)
     seeds = [11, 12, 13]
+    drawn_together = []
+    denoise = pipe.denoise
+    pipe.denoise = lambda x, *args, **kw: drawn_together.append(x.shape[0]) or denoise(x, *args, **kw)
     batched = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    del pipe.denoise
+    # Rows reach their images at different steps, yet each round of drawing serves every row still going:
+    # a row's k-th image is drawn in the k-th batched call.
+    counts = [len(images) for images in batched.images]
+    assert sum(drawn_together) == sum(counts) and len(drawn_together) == max(counts)
     for k, prompt in enumerate(prompts):
         single = pipe([prompt], generator=[torch.Generator().manual_seed(seeds[k])], **kwargs)
         assert batched.text[k] == single.text[0]
