@@ -53,6 +53,11 @@ class TrainArguments:
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 500
+    stage_start: int = field(
+        default=0,
+        metadata={"help": "The step this training stage starts at: warm-up and cosine decay run from it to max_steps. "
+                          "A stage that continues an exported model (init_from) at step N sets N here."},
+    )
     min_lr_ratio: float = 0.05
     max_grad_norm: float = 1.0
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (fp16 only on CUDA)."})
@@ -60,7 +65,10 @@ class TrainArguments:
     flow_repeats: int = 4
     drop_text_prob: float = 0.1
     drop_image_prob: float = 0.1
-    compression_levels: list[str] = field(default_factory=lambda: ["none", "pool:2", "pool:4"])
+    compression_levels: list[str] = field(
+        default_factory=lambda: ["none", "pool:2", "pool:4"],
+        metadata={"help": "Each context image's level is drawn uniformly from this list; repeat a level to weight it."},
+    )
     data: str = field(default="shapesworld", metadata={"help": "'shapesworld', or a local interleaved jsonl file."})
     images_dir: str | None = field(default=None, metadata={"help": "Image folder of a jsonl dataset."})
     task_weights: dict | None = field(default=None, metadata={"help": "ShapesWorld task mix, e.g. {t2i: 4, i2t: 2}."})

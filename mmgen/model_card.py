@@ -37,6 +37,7 @@ def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, s
     model_dir = Path(model_dir)
     if log_rows:
         plot_training_curve(log_rows, model_dir / CURVE)
+    has_curve = (model_dir / CURVE).is_file()  # rewriting the card later (a new table) keeps the curve
     lines = [
         "# mmgen-shapes",
         "",
@@ -48,14 +49,16 @@ def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, s
         "",
         "## Training curve",
         "",
-        f"![training curve]({CURVE})" if log_rows else "(no log)",
+        f"![training curve]({CURVE})" if has_curve else "(no log)",
         "",
     ]
     bench = model_dir / BENCH
     if bench.is_file():
         summary = json.loads(bench.read_text())
-        lines += ["## ShapesBench", "", "| category | accuracy |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in summary.items() if isinstance(v, (int, float))]
+        counts = summary.get("n", {})
+        lines += ["## ShapesBench", "", "`mmgen eval shapesbench --model default` with the default steps and guidance.",
+                  "", "| category | accuracy | n |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {counts.get(k, '')} |" for k, v in summary.items() if isinstance(v, (int, float))]
         lines.append("")
     card = model_dir / CARD
     card.write_text("\n".join(lines))

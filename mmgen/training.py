@@ -57,6 +57,8 @@ class Trainer:
     def __init__(self, model_args: ModelArguments, args: TrainArguments):
         if args.max_steps < 1 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
             raise ValueError("max_steps, batch_size and gradient_accumulation_steps must be >= 1")
+        if not 0 <= args.stage_start < args.max_steps:
+            raise ValueError(f"stage_start must be in [0, max_steps), got {args.stage_start} with max_steps={args.max_steps}")
         if args.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
         if args.mixed_precision not in ("no", "bf16", "fp16"):
@@ -82,7 +84,9 @@ class Trainer:
             parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95)
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: cosine_with_warmup(s, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+            optimizer,
+            lambda s: cosine_with_warmup(s - args.stage_start, args.warmup_steps, args.max_steps - args.stage_start,
+                                         args.min_lr_ratio),
         )
         self.model, self.optimizer, self.schedule = self.accelerator.prepare(model, optimizer, schedule)
         self.step = 0

@@ -16,6 +16,7 @@ import yaml
 
 from mmgen.config import ModelArguments, TrainArguments, parse_config
 from mmgen.model import cosine_with_warmup
+from mmgen.model_card import write_model_card
 from mmgen.pipelines import MMGenPipeline
 from mmgen.training import Trainer
 
@@ -61,6 +62,14 @@ def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_
     assert pipe.model.config.num_queries == TINY_MODEL["num_queries"]
     card = (export / "README.md").read_text()
     assert "configs/tiny.yaml" in card and (export / "training_curve.png").stat().st_size > 0
+
+    # A ShapesBench summary saved beside the model later goes into the card, and the curve stays.
+    (export / "shapesbench.json").write_text(json.dumps({"single_object": 0.5, "colors": 0.25,
+                                                          "n": {"single_object": 200, "colors": 200}}))
+    write_model_card(export, [], "configs/tiny.yaml", 30)
+    card = (export / "README.md").read_text()
+    assert "| single_object | 0.500 | 200 |" in card and "| colors | 0.250 | 200 |" in card
+    assert "![training curve](training_curve.png)" in card
 
 
 def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path, vae_dir):
@@ -167,3 +176,23 @@ def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae
     assert trainer.schedule.get_last_lr()[0] == pytest.approx(expected)
     for name, tensor in exported.model.state_dict().items():
         assert (trainer.unwrapped.image_modules.state_dict()[name] == tensor).all(), name
+
+
+def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_dir):
+    (tmp_path / "a").mkdir()
+    first = write_config(tmp_path / "a", vae_dir, max_steps=3, export_dir=str(tmp_path / "model"))
+    Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
+    (tmp_path / "b").mkdir()
+    second = write_config(tmp_path / "b", vae_dir, max_steps=8, stage_start=3, warmup_steps=2,
+                          init_from=str(tmp_path / "model"))
+    trainer = Trainer(*parse_config((ModelArguments, TrainArguments), second))
+    trainer.resume()
+    assert trainer.step == 3
+    args = trainer.args
+    # The stage's first step is the first step of its warm-up, not a step far into the old decay.
+    assert trainer.schedule.get_last_lr()[0] == pytest.approx(args.learning_rate * 0.5)
+    rows = trainer.train()
+    assert [r["lr"] for r in rows][-1] == pytest.approx(args.learning_rate * args.min_lr_ratio, rel=1e-3)
+    bad = write_config(tmp_path / "b", vae_dir, max_steps=3, stage_start=3)
+    with pytest.raises(ValueError, match="stage_start"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), bad))
