@@ -139,6 +139,32 @@ def _pair_up(
         pairs.append((by_id[p.id], p))
     return pairs
 
+def _placeholder_rows(samples: Sequence[EvalSample], predictions: Sequence[Prediction], out_dir: Path, style: str,
+                      key: str, suffix: str, keep_raw: bool = False) -> list[dict[str, Any]]:
+    """Rows `{id, key: text with placeholders, key_images: paths}` for predictions whose images are saved as
+    PNGs under out_dir/images (named by sample id, `suffix` and index), in sample order. With `keep_raw`
+    each row starts from the benchmark's own record of the sample, so its other fields survive."""
+    rows = []
+    for sample, pred in _pair_up(samples, predictions):
+        text, images = render_placeholders(pred.output, style)
+        names = [f"images/{safe_name(sample.id)}{suffix}{k}.png" for k in range(len(images))]
+        for image, name in zip(images, names):
+            save_png(image, out_dir / name)
+        raw = dict(sample.meta.get("raw") or {}) if keep_raw else {}
+        rows.append({**raw, "id": sample.id, key: text, f"{key}_images": names})
+    return rows
+
+
+def _read_placeholder_rows(out_dir: Path, file_name: str, key: str, unit: str) -> list[Prediction]:
+    """Predictions back from rows written by `_placeholder_rows`."""
+    preds = []
+    for n, row in enumerate(_read_records(out_dir / file_name)):
+        sample_id = str(_require(row, "id", f"{file_name} {unit} {n}"))
+        images = [load_image(p, out_dir, sample_id) for p in row.get(f"{key}_images") or []]
+        preds.append(Prediction(sample_id, parse_placeholders(row.get(key) or "", images, sample_id, "error")))
+    return preds
+
+
 
 _IMAGE_SLOT = "<image>"
 
@@ -546,29 +572,13 @@ class LLMIAdapter(BenchmarkAdapter):
     def write_predictions(
         self, samples: Sequence[EvalSample], predictions: Sequence[Prediction], out_dir: str | os.PathLike
     ) -> Path:
-        out_dir = Path(out_dir)
-        rows = []
-        for sample, pred in _pair_up(samples, predictions):
-            text, images = render_placeholders(pred.output, "<image>")
-            names = [f"images/{safe_name(sample.id)}_a{k}.png" for k in range(len(images))]
-            for image, name in zip(images, names):
-                save_png(image, out_dir / name)
-            raw = dict(sample.meta.get("raw") or {})
-            rows.append({**raw, "id": sample.id, "answer": text, "answer_images": names})
-        path = out_dir / self.file_name
+        rows = _placeholder_rows(samples, predictions, Path(out_dir), "<image>", "answer", "_a", keep_raw=True)
+        path = Path(out_dir) / self.file_name
         _write_json(path, rows)
         return path
 
     def read_predictions(self, out_dir: str | os.PathLike) -> list[Prediction]:
-        out_dir = Path(out_dir)
-        preds = []
-        for n, row in enumerate(_read_records(out_dir / self.file_name)):
-            sample_id = str(_require(row, "id", f"{self.file_name} record {n}"))
-            images = [load_image(p, out_dir, sample_id) for p in row.get("answer_images") or []]
-            preds.append(
-                Prediction(sample_id, parse_placeholders(row.get("answer") or "", images, sample_id, "error"))
-            )
-        return preds
+        return _read_placeholder_rows(Path(out_dir), self.file_name, "answer", "record")
 
 
 class PlaceholderAdapter(BenchmarkAdapter):
@@ -600,28 +610,12 @@ class PlaceholderAdapter(BenchmarkAdapter):
     def write_predictions(
         self, samples: Sequence[EvalSample], predictions: Sequence[Prediction], out_dir: str | os.PathLike
     ) -> Path:
-        out_dir = Path(out_dir)
-        rows = []
-        for sample, pred in _pair_up(samples, predictions):
-            text, images = render_placeholders(pred.output, self.style)
-            names = [f"images/{safe_name(sample.id)}_o{k}.png" for k in range(len(images))]
-            for image, name in zip(images, names):
-                save_png(image, out_dir / name)
-            rows.append({"id": sample.id, "output": text, "output_images": names})
-        path = out_dir / self.file_name
-        _write_jsonl(path, rows)
+        path = Path(out_dir) / self.file_name
+        _write_jsonl(path, _placeholder_rows(samples, predictions, Path(out_dir), self.style, "output", "_o"))
         return path
 
     def read_predictions(self, out_dir: str | os.PathLike) -> list[Prediction]:
-        out_dir = Path(out_dir)
-        preds = []
-        for n, row in enumerate(_read_records(out_dir / self.file_name)):
-            sample_id = str(_require(row, "id", f"{self.file_name} row {n}"))
-            images = [load_image(p, out_dir, sample_id) for p in row.get("output_images") or []]
-            preds.append(
-                Prediction(sample_id, parse_placeholders(row.get("output") or "", images, sample_id, "error"))
-            )
-        return preds
+        return _read_placeholder_rows(Path(out_dir), self.file_name, "output", "row")
 
 
 ADAPTERS: dict[str, BenchmarkAdapter] = {

@@ -8,6 +8,8 @@ import os
 import socket
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import PIL.Image
@@ -110,6 +112,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def running_demo(pipe, **kwargs) -> Iterator:
+    """The demo of `pipe` served on 127.0.0.1 from this process (`.local_url`), closed afterwards."""
+    from mmgen.app import build_demo, serve
+
+    demo = serve(build_demo(pipe, **kwargs), port=free_port(), block=False)
+    try:
+        yield demo
+    finally:
+        demo.close()
 
 
 def png_declaring(width: int, height: int) -> bytes:

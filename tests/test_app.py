@@ -17,7 +17,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from mmgen.app import build_demo, launch, serve
+from mmgen.app import launch
 from mmgen.app.chat import ERROR_TITLE, GenerationSettings, history_segments, spaced, stats_line
 from mmgen.app.demo import compression_choices, drafter_choices, respond
 from mmgen.app.example_prompts import EXAMPLES
@@ -26,7 +26,7 @@ from mmgen.app.uploads import MAX_UPLOAD_BYTES, UploadRejected, open_image
 from mmgen.pipelines import GenerationStats
 from mmgen.segments import Image, Text
 
-from .conftest import free_port, png_declaring
+from .conftest import free_port, png_declaring, running_demo
 
 STORY = "a story in two pictures: a red circle. then the circle turns blue."
 FAST = GenerationSettings(max_new_tokens=12, num_inference_steps=2, max_images=2)
@@ -61,11 +61,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def demo(pipe):
-    demo = serve(build_demo(pipe), port=free_port(), block=False)
-    try:
+    with running_demo(pipe) as demo:
         yield demo
-    finally:
-        demo.close()
 
 
 @pytest.fixture(scope="module")

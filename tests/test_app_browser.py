@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,11 @@ if not CHROMIUM or not Path(CHROMIUM).is_file():
     pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
-from mmgen.app import build_demo, serve  # noqa: E402
 from mmgen.app.chat import GenerationSettings  # noqa: E402
 from mmgen.app.example_prompts import EXAMPLES  # noqa: E402
 from mmgen.app.testing import tiny_random_pipeline  # noqa: E402
+
+from .conftest import running_demo  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,19 +30,10 @@ CHROMIUM_ARGS = [
 FAST = GenerationSettings(max_new_tokens=24, num_inference_steps=4, max_images=2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url():
-    demo = serve(build_demo(tiny_random_pipeline(), defaults=FAST), port=free_port(), block=False)
-    try:
+    with running_demo(tiny_random_pipeline(), defaults=FAST) as demo:
         yield demo.local_url
-    finally:
-        demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,12 @@ from gradio.utils import get_upload_folder
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from mmgen.app import build_demo, launch, serve
+from mmgen.app import launch
 from mmgen.app.chat import ERROR_TITLE, GenerationSettings
 from mmgen.app.demo import respond
 from mmgen.app.testing import tiny_random_pipeline
 
-from ..conftest import free_port
+from ..conftest import free_port, running_demo
 from .cases import BY_NAME, EMPTY_DEMO, IMAGES, MODELS, Case, cases_for
 from .conftest import FAST
 
@@ -94,11 +94,8 @@ def test_launch_refuses_a_bad_model_folder_before_serving(case, model_dir, tmp_p
 
 @pytest.fixture(scope="module")
 def server(demo_pipe):
-    demo = serve(build_demo(demo_pipe), port=free_port(), block=False)
-    try:
+    with running_demo(demo_pipe) as demo:
         yield demo
-    finally:
-        demo.close()
 
 
 @pytest.fixture(scope="module")
