@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 CURVE = "training_curve.png"
 CARD = "README.md"
 BENCH = "shapesbench.json"
+
+
+def curve_name(stage_start: int = 0) -> str:
+    """The curve's file: one per training stage, so a later stage exported into the same folder keeps the
+    curves of the stages before it."""
+    return CURVE if stage_start == 0 else f"training_curve_from_step_{stage_start}.png"
+
+
+def _stage_of(curve: Path) -> int:
+    return 0 if curve.name == CURVE else int(curve.stem.rsplit("_", 1)[-1])
 
 
 def plot_training_curve(log_rows: list[dict], path: Path) -> None:
@@ -31,34 +42,46 @@ def plot_training_curve(log_rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, step: int) -> Path:
-    """Write README.md (and the curve PNG) into `model_dir`; a ShapesBench summary saved there as
-    shapesbench.json is included as a table."""
+def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, step: int, stage_start: int = 0,
+                     previous: Path | None = None) -> Path:
+    """Write README.md (and this stage's curve PNG) into `model_dir`. The curves of earlier stages found
+    there or in `previous` (the folder this stage started from) are kept and shown, and a ShapesBench summary
+    saved there as shapesbench.json is included as a table, with the step it was measured at."""
     model_dir = Path(model_dir)
+    if previous is not None and Path(previous).resolve() != model_dir.resolve():
+        for curve in Path(previous).glob("training_curve*.png"):
+            if _stage_of(curve) < stage_start:
+                shutil.copy(curve, model_dir / curve.name)
     if log_rows:
-        plot_training_curve(log_rows, model_dir / CURVE)
-    has_curve = (model_dir / CURVE).is_file()  # rewriting the card later (a new table) keeps the curve
+        plot_training_curve(log_rows, model_dir / curve_name(stage_start))
+    curves = sorted(model_dir.glob("training_curve*.png"), key=_stage_of)
     lines = [
         "# mmgen-shapes",
         "",
         "The embedded default model of mmgen: a Llama-style backbone and a DiT flow head trained from scratch on "
         "ShapesWorld, with the ShapesWorld VAE and BPE tokenizer (`tokenizers/`).",
         "",
-        f"- recipe: `mmgen train {recipe}`",
+        f"- recipe: `mmgen train {recipe}`"
+        + (f", a stage that continues the export of step {stage_start} (see the config's header)" if stage_start else ""),
         f"- trained steps: {step}",
         "",
         "## Training curve",
         "",
-        f"![training curve]({CURVE})" if has_curve else "(no log)",
-        "",
     ]
+    for curve in curves:
+        stage = _stage_of(curve)
+        lines += [f"![training curve{f' from step {stage}' if stage else ''}]({curve.name})", ""]
+    if not curves:
+        lines += ["(no log)", ""]
     bench = model_dir / BENCH
     if bench.is_file():
         summary = json.loads(bench.read_text())
         counts = summary.get("n", {})
-        lines += ["## ShapesBench", "", "`mmgen eval shapesbench --model default` with the default steps and guidance.",
+        measured = f", measured at step {summary['step']}" if "step" in summary else ""
+        lines += ["## ShapesBench", "", f"`mmgen eval shapesbench` with the default steps and guidance{measured}.",
                   "", "| category | accuracy | n |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.3f} | {counts.get(k, '')} |" for k, v in summary.items() if isinstance(v, (int, float))]
+        lines += [f"| {k} | {v:.3f} | {counts.get(k, '')} |" for k, v in summary.items()
+                  if isinstance(v, (int, float)) and k != "step"]
         lines.append("")
     card = model_dir / CARD
     card.write_text("\n".join(lines))

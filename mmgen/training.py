@@ -267,7 +267,8 @@ class Trainer:
         (tmp / "training_state.json").write_text(json.dumps({"step": self.step, "seed": self.args.seed}))
         if (final / BENCH).is_file():
             shutil.copy(final / BENCH, tmp / BENCH)
-        write_model_card(tmp, read_log(self.output_dir / LOG_FILE), self.args.recipe or "CONFIG.yaml", self.step)
+        write_model_card(tmp, read_log(self.output_dir / LOG_FILE), self.args.recipe or "CONFIG.yaml", self.step,
+                         self.args.stage_start, previous=self.args.init_from)
         swap_folder_contents(tmp, final)
         logger.info("saved the pipeline to %s at step %d", final, self.step)
 

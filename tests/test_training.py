@@ -64,11 +64,12 @@ def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_
     assert "configs/tiny.yaml" in card and (export / "training_curve.png").stat().st_size > 0
 
     # A ShapesBench summary saved beside the model later goes into the card, and the curve stays.
-    (export / "shapesbench.json").write_text(json.dumps({"single_object": 0.5, "colors": 0.25,
+    (export / "shapesbench.json").write_text(json.dumps({"single_object": 0.5, "colors": 0.25, "step": 30,
                                                           "n": {"single_object": 200, "colors": 200}}))
     write_model_card(export, [], "configs/tiny.yaml", 30)
     card = (export / "README.md").read_text()
     assert "| single_object | 0.500 | 200 |" in card and "| colors | 0.250 | 200 |" in card
+    assert "measured at step 30" in card
     assert "![training curve](training_curve.png)" in card
 
 
@@ -184,7 +185,7 @@ def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_
     Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
     (tmp_path / "b").mkdir()
     second = write_config(tmp_path / "b", vae_dir, max_steps=8, stage_start=3, warmup_steps=2,
-                          init_from=str(tmp_path / "model"))
+                          init_from=str(tmp_path / "model"), export_dir=str(tmp_path / "model"))
     trainer = Trainer(*parse_config((ModelArguments, TrainArguments), second))
     trainer.resume()
     assert trainer.step == 3
@@ -193,6 +194,10 @@ def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_
     assert trainer.schedule.get_last_lr()[0] == pytest.approx(args.learning_rate * 0.5)
     rows = trainer.train()
     assert [r["lr"] for r in rows][-1] == pytest.approx(args.learning_rate * args.min_lr_ratio, rel=1e-3)
+    # Exported over the first stage, the card shows both stages' curves.
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "(training_curve.png)" in card and "(training_curve_from_step_3.png)" in card
+    assert (tmp_path / "model" / "training_curve.png").stat().st_size > 0
     bad = write_config(tmp_path / "b", vae_dir, max_steps=3, stage_start=3)
     with pytest.raises(ValueError, match="stage_start"):
         Trainer(*parse_config((ModelArguments, TrainArguments), bad))
