@@ -36,6 +36,8 @@ from .bench import BenchOptions, CaseResult, bench_case, median_seconds
 
 logger = logging.getLogger(__name__)
 
+IMAGE_TOLERANCE = 1e-3  # on latents of unit scale: float noise passes, a different picture does not
+
 
 def grounded_prompts(count: int, seed: int, image_size: int) -> list[list[Segment]]:
     """Image-grounded prompts: captions and QA about a picture, and stories continued after 1-2 given steps
@@ -65,7 +67,22 @@ def _fresh(prompt: list[Segment]) -> list[Segment]:
 
 def _signature(segments: list[Segment]) -> tuple:
     """What must match for outputs to be identical: the text, and the images' latents."""
-    return tuple(s.text if isinstance(s, Text) else s.latent.numpy().tobytes() for s in segments)
+    return tuple(s.text if isinstance(s, Text) else s.latent for s in segments)
+
+
+def _identical(a: tuple, b: tuple) -> bool:
+    """The same text token for token, and the same pictures. A verifying pass lays the cache out differently
+    from plain decoding, so the query states of a later picture can differ in the last bits of fp32; its
+    latent must then agree to within that, not bit for bit."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, str) or isinstance(y, str):
+            if x != y:
+                return False
+        elif not torch.allclose(x, y, rtol=0, atol=IMAGE_TOLERANCE):
+            return False
+    return True
 
 
 def _run(pipe, prompts, drafter, batch: int, settings: dict) -> tuple[list[tuple], dict]:
@@ -172,7 +189,7 @@ def drafting_case(pipe, options: BenchOptions) -> CaseResult:
     results = {}
     for name, drafter in drafters.items():
         outputs, result = _measure(pipe, grounded, drafter, 1, settings, repeats)
-        same = sum(a == b for a, b in zip(outputs, plain_out)) / len(grounded)
+        same = sum(_identical(a, b) for a, b in zip(outputs, plain_out)) / len(grounded)
         results[name] = result
         rows.append(_row("grounded", name, result, plain, same))
     if "vision-head" in results:
@@ -218,8 +235,8 @@ def drafting_case(pipe, options: BenchOptions) -> CaseResult:
     batch_prompts = grounded[: 4 if quick else 32]
     plain4_out, plain4 = _measure(pipe, batch_prompts, None, 4, settings, repeats)
     draft4_out, draft4 = _measure(pipe, batch_prompts, drafters[chosen], 4, settings, repeats)
-    same = sum(a == b for a, b in zip(draft4_out, plain4_out)) / len(batch_prompts)
-    same_as_one = sum(a == b for a, b in zip(draft4_out, plain_out)) / len(batch_prompts)
+    same = sum(_identical(a, b) for a, b in zip(draft4_out, plain4_out)) / len(batch_prompts)
+    same_as_one = sum(_identical(a, b) for a, b in zip(draft4_out, plain_out)) / len(batch_prompts)
     rows.append(_row("batch 4", "plain", plain4, plain4, 1.0))
     rows.append({**_row("batch 4", chosen, draft4, plain4, same), "identical_to_batch_1": same_as_one})
     ratios["batch4_drafting_vs_plain"] = draft4["tokens_per_s"] / plain4["tokens_per_s"]

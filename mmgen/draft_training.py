@@ -528,9 +528,10 @@ def train_drafter(args: DrafterTrainArguments) -> Path:
         from .drafting import DraftLMDrafter
 
         drafter = DraftLMDrafter(draft_lm)
-    summary = {"folder": str(folder), **measure_tau(pipe, held_out, drafter, args)}
-    logger.info("drafter saved: %s", json.dumps(summary))
-    (folder / "train_summary.json").write_text(json.dumps({**summary, "samples": len(traces), "steps": args.steps}))
+    # The summary sits in the drafter's folder, so it names no path: the folder may be copied anywhere.
+    summary = {**measure_tau(pipe, held_out, drafter, args), "samples": len(traces), "steps": args.steps}
+    logger.info("drafter saved to %s: %s", folder, json.dumps(summary))
+    (folder / "train_summary.json").write_text(json.dumps(summary))
     return folder
 
 
@@ -539,5 +540,5 @@ def main(config: str | None, argv: list[str]) -> int:
 
     (args,) = parse_config((DrafterTrainArguments,), config, argv)
     folder = train_drafter(args)
-    print(json.dumps(json.loads((folder / "train_summary.json").read_text())))
+    print(json.dumps({"folder": str(folder), **json.loads((folder / "train_summary.json").read_text())}))
     return 0

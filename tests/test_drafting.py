@@ -396,3 +396,14 @@ def test_drafting_bench_case_runs_quick_and_reports_its_ratios(make_pipeline, tm
     grounded = [row for row in result.rows if row["workload"] != "text-only"]
     assert all(row["identical_to_plain"] == 1.0 for row in grounded), "drafting must not change greedy output"
     assert next(r for r in result.rows if r["drafter"] == "hf plain")["matches_ours"] == 1.0
+
+
+def test_the_drafting_bench_calls_outputs_identical_by_tokens_and_pictures():
+    from mmgen.evals.bench_drafting import IMAGE_TOLERANCE, _identical
+
+    latent = torch.randn(4, 8, 8)
+    plain = ("a red circle.", latent, " then a square.")
+    assert _identical(plain, ("a red circle.", latent + IMAGE_TOLERANCE / 10, " then a square."))
+    assert not _identical(plain, ("a red circle.", latent, " then a star."))
+    assert not _identical(plain, ("a red circle.", latent + 0.1, " then a square."))
+    assert not _identical(plain, ("a red circle.", latent))
