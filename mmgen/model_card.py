@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from .drafting import DRAFT_LM_DIR, NO_ADAPTOR_DIR
+
 CURVE = "training_curve.png"
 CARD = "README.md"
 BENCH = "shapesbench.json"
@@ -42,6 +44,27 @@ def plot_training_curve(log_rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# Parts that later recipes add to a trained model folder, and the commands that make them.
+EXTRAS = [
+    ("drafter", "the vision-aware draft head", "mmgen train-drafter configs/drafter.yaml"),
+    (NO_ADAPTOR_DIR, "the draft head without image adaptor (an ablation)",
+     "mmgen train-drafter configs/drafter.yaml --image_adaptor false"),
+    (DRAFT_LM_DIR, "a small draft LM", "mmgen train-drafter configs/drafter.yaml --kind draft-lm"),
+]
+
+
+def _extras(model_dir: Path) -> list[str]:
+    """Card lines for the learned resampler and the drafters found in the folder, with their recipes."""
+    found = []
+    config = model_dir / "model" / "config.json"
+    levels = json.loads(config.read_text()).get("resampler_queries") if config.is_file() else None
+    if levels:
+        found.append(f"- `model/`: the learned resampler for {', '.join(f'resampler:{r}' for r in levels)} "
+                     "(`python -m mmgen.train_resampler configs/resampler.yaml`)")
+    found += [f"- `{name}/`: {what} (`{command}`)" for name, what, command in EXTRAS if (model_dir / name).is_dir()]
+    return ["## Added after training", "", *found, ""] if found else []
+
+
 def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, step: int, stage_start: int = 0,
                      previous: Path | None = None) -> Path:
     """Write README.md (and this stage's curve PNG) into `model_dir`. The curves of earlier stages found
@@ -73,6 +96,7 @@ def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, s
         lines += [f"![training curve{f' from step {stage}' if stage else ''}]({curve.name})", ""]
     if not curves:
         lines += ["(no log)", ""]
+    lines += _extras(model_dir)
     bench = model_dir / BENCH
     if bench.is_file():
         summary = json.loads(bench.read_text())

@@ -66,10 +66,13 @@ def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_
     # A ShapesBench summary saved beside the model later goes into the card, and the curve stays.
     (export / "shapesbench.json").write_text(json.dumps({"single_object": 0.5, "colors": 0.25, "step": 30,
                                                           "n": {"single_object": 200, "colors": 200}}))
+    assert "## Added after training" not in card
+    (export / "drafter").mkdir()  # what `mmgen train-drafter` adds later
     write_model_card(export, [], "configs/tiny.yaml", 30)
     card = (export / "README.md").read_text()
     assert "| single_object | 0.500 | 200 |" in card and "| colors | 0.250 | 200 |" in card
     assert "measured at step 30" in card
+    assert "- `drafter/`: the vision-aware draft head (`mmgen train-drafter configs/drafter.yaml`)" in card
     assert "![training curve](training_curve.png)" in card
 
 
