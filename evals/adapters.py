@@ -139,6 +139,7 @@ def _pair_up(
         pairs.append((by_id[p.id], p))
     return pairs
 
+
 def _placeholder_rows(samples: Sequence[EvalSample], predictions: Sequence[Prediction], out_dir: Path, style: str,
                       key: str, suffix: str, keep_raw: bool = False) -> list[dict[str, Any]]:
     """Rows `{id, key: text with placeholders, key_images: paths}` for predictions whose images are saved as
@@ -163,7 +164,6 @@ def _read_placeholder_rows(out_dir: Path, file_name: str, key: str, unit: str) -
         images = [load_image(p, out_dir, sample_id) for p in row.get(f"{key}_images") or []]
         preds.append(Prediction(sample_id, parse_placeholders(row.get(key) or "", images, sample_id, "error")))
     return preds
-
 
 
 _IMAGE_SLOT = "<image>"

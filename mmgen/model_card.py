@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,14 +14,22 @@ CARD = "README.md"
 BENCH = "shapesbench.json"
 
 
+STAGE_CURVE = re.compile(r"training_curve_from_step_(\d+)\.png")
+
+
 def curve_name(stage_start: int = 0) -> str:
     """The curve's file: one per training stage, so a later stage exported into the same folder keeps the
     curves of the stages before it."""
     return CURVE if stage_start == 0 else f"training_curve_from_step_{stage_start}.png"
 
 
-def _stage_of(curve: Path) -> int:
-    return 0 if curve.name == CURVE else int(curve.stem.rsplit("_", 1)[-1])
+def stage_curves(folder: Path) -> dict[int, Path]:
+    """The training curves in `folder` by the step their stage starts at."""
+    curves = {0: folder / CURVE} if (folder / CURVE).is_file() else {}
+    for path in folder.glob("training_curve_from_step_*.png"):
+        if match := STAGE_CURVE.fullmatch(path.name):
+            curves[int(match.group(1))] = path
+    return dict(sorted(curves.items()))
 
 
 def plot_training_curve(log_rows: list[dict], path: Path) -> None:
@@ -72,12 +81,12 @@ def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, s
     saved there as shapesbench.json is included as a table, with the step it was measured at."""
     model_dir = Path(model_dir)
     if previous is not None and Path(previous).resolve() != model_dir.resolve():
-        for curve in Path(previous).glob("training_curve*.png"):
-            if _stage_of(curve) < stage_start:
+        for stage, curve in stage_curves(Path(previous)).items():
+            if stage < stage_start:
                 shutil.copy(curve, model_dir / curve.name)
     if log_rows:
         plot_training_curve(log_rows, model_dir / curve_name(stage_start))
-    curves = sorted(model_dir.glob("training_curve*.png"), key=_stage_of)
+    curves = stage_curves(model_dir)
     lines = [
         "# mmgen-shapes",
         "",
@@ -91,8 +100,7 @@ def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, s
         "## Training curve",
         "",
     ]
-    for curve in curves:
-        stage = _stage_of(curve)
+    for stage, curve in curves.items():
         lines += [f"![training curve{f' from step {stage}' if stage else ''}]({curve.name})", ""]
     if not curves:
         lines += ["(no log)", ""]

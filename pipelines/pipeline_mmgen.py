@@ -472,8 +472,7 @@ class MMGenPipeline(DiffusionPipeline):
             # one batched flow-head call per step then serves them all. Waiting changes no row's output.
             drawing = [r for r in rows if r.phase == DRAW]
             if drawing and all(r.phase in (DRAW, DONE) for r in rows):
-                cond = torch.stack([r.query_states for r in drawing])
-                yield from self._image_phase(drawing, cond, num_inference_steps, guidance, output_type,
+                yield from self._image_phase(drawing, num_inference_steps, guidance, output_type,
                                              callback_on_step_end, generated_compression)
         stats.text_tokens = sum(r.new_tokens for r in rows)
         stats.text_forwards = sum(r.text_passes for r in rows)
@@ -722,11 +721,12 @@ class MMGenPipeline(DiffusionPipeline):
         n = len(branches)
         return list(self.unified.velocity(x.repeat(n, 1, 1), t.repeat(n), torch.cat(branches)).chunk(n))
 
-    def _image_phase(self, rows: list[_Row], cond: torch.Tensor, num_inference_steps: int, guidance: Guidance,
+    def _image_phase(self, rows: list[_Row], num_inference_steps: int, guidance: Guidance,
                      output_type: str, callback_on_step_end, generated_compression: str) -> Iterator[StreamEvent]:
-        """Draw one image for each row in `rows`, then queue its feedback chunk."""
+        """Draw one image for each row in `rows` from its query states, then queue its feedback chunk."""
         started = time.perf_counter()
         tokenizer = self.unified.image_tokenizer
+        cond = torch.stack([r.query_states for r in rows])
         use_image_cfg = guidance.image_scale != 1.0 and any(r.has_context_image for r in rows)
         branches = [cond]
         if guidance.text_scale != 1.0 or use_image_cfg:
