@@ -22,6 +22,8 @@ from .compression import CompressionSpec, VisualCompressor
 from .flow_head import FlowHead, grid_sincos, square_grid
 from .stream import IGNORE_INDEX, ImageSpan, PackedBatch
 
+RESAMPLER_PREFIX = "compressor.resampler."  # names of the learned resampler's weights in ImageModules
+
 
 class ImageModules(ModelMixin, ConfigMixin):
     """image_in + 2D positions + learned queries + compressor + flow head.

@@ -29,14 +29,12 @@ from tqdm.auto import tqdm
 
 from .config import DEFAULT_MODEL_DIR, parse_config
 from .data import batch_seed
-from .model import ImageModules, UnifiedModel, cosine_with_warmup
+from .model import RESAMPLER_PREFIX, ImageModules, UnifiedModel, cosine_with_warmup
 from .segments import Image
 from .stream import IGNORE_INDEX, EncodedSequence, PackedBatch, StreamCodec, pack_sequences
 from .training import swap_folder_contents
 
 logger = logging.getLogger(__name__)
-
-RESAMPLER_PREFIX = "compressor.resampler."
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import ModelArguments, TrainArguments
 from .data import BatchBuilder, InterleavedJsonlData, ShapesWorldData, batch_loader, batch_seed
 from .loading import build_model
-from .model import UnifiedModel, cosine_with_warmup
+from .model import RESAMPLER_PREFIX, UnifiedModel, cosine_with_warmup
 from .model_card import BENCH, write_model_card
 from .stream import StreamCodec
 
@@ -154,7 +154,14 @@ class Trainer:
         source = MMGenPipeline.from_pretrained(folder)
         model = self.unwrapped
         model.backbone.load_state_dict(source.backbone.state_dict())
-        model.image_modules.load_state_dict(source.model.state_dict())
+        weights = source.model.state_dict()
+        stale = [k for k in weights if k.startswith(RESAMPLER_PREFIX)]
+        if stale and model.image_modules.compressor.resampler is None:
+            # The resampler reads the image tokens this training changes, so it is retrained afterwards
+            # (`python -m mmgen.train_resampler`) rather than carried along stale.
+            weights = {k: v for k, v in weights.items() if not k.startswith(RESAMPLER_PREFIX)}
+            logger.warning("the learned resampler of %s is left out: retrain it after this run", folder)
+        model.image_modules.load_state_dict(weights)
         state = Path(folder) / "training_state.json"
         self.step = json.loads(state.read_text())["step"] if state.is_file() else 0
         if self.step:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,9 +16,10 @@ import pytest
 import yaml
 
 from mmgen.config import ModelArguments, TrainArguments, parse_config
-from mmgen.model import cosine_with_warmup
+from mmgen.model import RESAMPLER_PREFIX, cosine_with_warmup
 from mmgen.model_card import write_model_card
 from mmgen.pipelines import MMGenPipeline
+from mmgen.train_resampler import with_resampler
 from mmgen.training import Trainer
 
 from .conftest import TOKENIZER_DIR, tiny_backbone, tiny_vae
@@ -165,21 +167,28 @@ def test_bad_configs_are_rejected_with_clear_messages(tmp_path, vae_dir):
         Trainer(model_args, args)
 
 
-def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae_dir):
+def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae_dir, caplog):
     (tmp_path / "a").mkdir()
     first = write_config(tmp_path / "a", vae_dir, max_steps=3, export_dir=str(tmp_path / "model"))
     Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
+    # The exported model gained a learned resampler afterwards, as the default model has.
+    exported = MMGenPipeline.from_pretrained(tmp_path / "model")
+    with_resampler(exported, [4], num_layers=1, num_heads=2)
+    exported.save_pretrained(tmp_path / "model")
     (tmp_path / "b").mkdir()
     second = write_config(tmp_path / "b", vae_dir, max_steps=5, init_from=str(tmp_path / "model"))
     trainer = Trainer(*parse_config((ModelArguments, TrainArguments), second))
-    trainer.resume()
-    exported = MMGenPipeline.from_pretrained(tmp_path / "model")
+    with caplog.at_level(logging.WARNING, logger="mmgen.training"):
+        trainer.resume()
+    assert "resampler" in caplog.text and "retrain" in caplog.text
+    assert trainer.unwrapped.image_modules.compressor.resampler is None
     assert trainer.step == 3
     args = trainer.args
     expected = args.learning_rate * cosine_with_warmup(3, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     assert trainer.schedule.get_last_lr()[0] == pytest.approx(expected)
     for name, tensor in exported.model.state_dict().items():
-        assert (trainer.unwrapped.image_modules.state_dict()[name] == tensor).all(), name
+        if not name.startswith(RESAMPLER_PREFIX):
+            assert (trainer.unwrapped.image_modules.state_dict()[name] == tensor).all(), name
 
 
 def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_dir):
