@@ -10,6 +10,7 @@ from pathlib import Path
 from .drafting import DRAFT_LM_DIR, NO_ADAPTOR_DIR
 
 CURVE = "training_curve.png"
+RESAMPLER_RECIPE = "resampler_recipe.json"  # the settings the learned resampler in model/ was trained with
 CARD = "README.md"
 BENCH = "shapesbench.json"
 
@@ -68,8 +69,11 @@ def _extras(model_dir: Path) -> list[str]:
     config = model_dir / "model" / "config.json"
     levels = json.loads(config.read_text()).get("resampler_queries") if config.is_file() else None
     if levels:
+        command = "python -m mmgen.train_resampler configs/resampler.yaml"
+        if (model_dir / RESAMPLER_RECIPE).is_file():  # the folder it was written to, as the recipe was run
+            command += f" --output_dir {json.loads((model_dir / RESAMPLER_RECIPE).read_text())['output_dir']}"
         found.append(f"- `model/`: the learned resampler for {', '.join(f'resampler:{r}' for r in levels)} "
-                     "(`python -m mmgen.train_resampler configs/resampler.yaml`)")
+                     f"(`{command}`)")
     found += [f"- `{name}/`: {what} (`{command}`)" for name, what, command in EXTRAS if (model_dir / name).is_dir()]
     return ["## Added after training", "", *found, ""] if found else []
 

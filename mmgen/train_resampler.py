@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .config import DEFAULT_MODEL_DIR, parse_config
 from .data import batch_seed
 from .model import RESAMPLER_PREFIX, ImageModules, UnifiedModel, cosine_with_warmup
+from .model_card import RESAMPLER_RECIPE
 from .segments import Image
 from .stream import IGNORE_INDEX, EncodedSequence, PackedBatch, StreamCodec, pack_sequences
 from .training import swap_folder_contents
@@ -206,6 +207,7 @@ def train_resampler(args: ResamplerArguments, pipe=None) -> list[dict]:
     data = ResamplerData(pipe.codec, model, args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "log.jsonl").unlink(missing_ok=True)  # the log of this run only: the recipe always starts at step 1
     rows, window = [], []
     for step in tqdm(range(1, args.max_steps + 1), desc="resampler", disable=not logger.isEnabledFor(logging.INFO)):
         student, teacher = data.batch(step)
@@ -227,7 +229,7 @@ def train_resampler(args: ResamplerArguments, pipe=None) -> list[dict]:
                 f.write(json.dumps(row) + "\n")
         if step % args.save_every == 0 or step == args.max_steps:
             save_pipeline(pipe, out)
-            (out / "resampler_recipe.json").write_text(json.dumps({"step": step, **asdict(args)}, indent=2))
+            (out / RESAMPLER_RECIPE).write_text(json.dumps({"step": step, **asdict(args)}, indent=2))
     return rows
 
 

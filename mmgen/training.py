@@ -24,7 +24,7 @@ from .config import ModelArguments, TrainArguments
 from .data import BatchBuilder, InterleavedJsonlData, ShapesWorldData, batch_loader, batch_seed
 from .loading import build_model
 from .model import RESAMPLER_PREFIX, UnifiedModel, cosine_with_warmup
-from .model_card import BENCH, write_model_card
+from .model_card import BENCH, EXTRAS, RESAMPLER_RECIPE, write_model_card
 from .stream import StreamCodec
 
 logger = logging.getLogger(__name__)
@@ -276,7 +276,15 @@ class Trainer:
             shutil.copy(final / BENCH, tmp / BENCH)
         write_model_card(tmp, read_log(self.output_dir / LOG_FILE), self.args.recipe or "CONFIG.yaml", self.step,
                          self.args.stage_start, previous=self.args.init_from)
+        # Drafters distilled from the weights this export replaces no longer match them, nor does the recipe
+        # file of a resampler the new model/ lacks: they go, and the card (written without them) lists none
+        # until their recipes run again.
+        stale = [final / name for name, _, _ in EXTRAS if (final / name).is_dir()]
         swap_folder_contents(tmp, final)
+        for path in stale:
+            shutil.rmtree(path)
+            logger.warning("removed %s: it was trained on the weights this export replaced; retrain it", path)
+        (final / RESAMPLER_RECIPE).unlink(missing_ok=True)
         logger.info("saved the pipeline to %s at step %d", final, self.step)
 
 

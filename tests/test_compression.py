@@ -3,6 +3,8 @@ learned resampler and its recipe, and compression inside the pipeline and the be
 
 from __future__ import annotations
 
+import json
+
 import PIL.Image
 import pytest
 import torch
@@ -332,7 +334,8 @@ def test_resampler_recipe_trains_only_the_resampler(tokenizer, tmp_path, make_pi
     trained = [k for k in new if k not in old]
     assert trained and all(k.startswith("model.compressor.resampler.") for k in trained)
     assert not torch.equal(new["model.compressor.resampler.out.weight"], torch.zeros_like(new["model.compressor.resampler.out.weight"]))
-    assert (tmp_path / "out" / "log.jsonl").is_file()
+    train_resampler(args)  # a rerun logs its own rows only
+    assert [json.loads(line)["step"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_compression_bench_smoke_runs_on_a_tiny_pipeline(tokenizer, tmp_path):

@@ -70,11 +70,16 @@ def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_
                                                           "n": {"single_object": 200, "colors": 200}}))
     assert "## Added after training" not in card
     (export / "drafter").mkdir()  # what `mmgen train-drafter` adds later
+    with_resampler(pipe, [4], num_layers=1, num_heads=2)  # and what the resampler recipe adds
+    pipe.model.save_pretrained(export / "model")
+    (export / "resampler_recipe.json").write_text(json.dumps({"output_dir": "models/tiny"}))
     write_model_card(export, [], "configs/tiny.yaml", 30)
     card = (export / "README.md").read_text()
     assert "| single_object | 0.500 | 200 |" in card and "| colors | 0.250 | 200 |" in card
     assert "measured at step 30" in card
     assert "- `drafter/`: the vision-aware draft head (`mmgen train-drafter configs/drafter.yaml`)" in card
+    assert ("- `model/`: the learned resampler for resampler:4 "
+            "(`python -m mmgen.train_resampler configs/resampler.yaml --output_dir models/tiny`)") in card
     assert "![training curve](training_curve.png)" in card
 
 
@@ -196,6 +201,8 @@ def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_
     first = write_config(tmp_path / "a", vae_dir, max_steps=3, export_dir=str(tmp_path / "model"))
     Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
     (tmp_path / "b").mkdir()
+    (tmp_path / "model" / "drafter").mkdir()  # distilled from the first stage's weights
+    (tmp_path / "model" / "resampler_recipe.json").write_text("{}")
     second = write_config(tmp_path / "b", vae_dir, max_steps=8, stage_start=3, warmup_steps=2,
                           init_from=str(tmp_path / "model"), export_dir=str(tmp_path / "model"))
     trainer = Trainer(*parse_config((ModelArguments, TrainArguments), second))
@@ -210,6 +217,8 @@ def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_
     card = (tmp_path / "model" / "README.md").read_text()
     assert "(training_curve.png)" in card and "(training_curve_from_step_3.png)" in card
     assert (tmp_path / "model" / "training_curve.png").stat().st_size > 0
+    assert not (tmp_path / "model" / "drafter").exists() and "drafter" not in card
+    assert not (tmp_path / "model" / "resampler_recipe.json").exists()
     bad = write_config(tmp_path / "b", vae_dir, max_steps=3, stage_start=3)
     with pytest.raises(ValueError, match="stage_start"):
         Trainer(*parse_config((ModelArguments, TrainArguments), bad))
