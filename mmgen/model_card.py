@@ -69,11 +69,11 @@ def _extras(model_dir: Path) -> list[str]:
     config = model_dir / "model" / "config.json"
     levels = json.loads(config.read_text()).get("resampler_queries") if config.is_file() else None
     if levels:
-        command = "python -m mmgen.train_resampler configs/resampler.yaml"
+        recipe = "python -m mmgen.train_resampler configs/resampler.yaml"
         if (model_dir / RESAMPLER_RECIPE).is_file():  # the folder it was written to, as the recipe was run
-            command += f" --output_dir {json.loads((model_dir / RESAMPLER_RECIPE).read_text())['output_dir']}"
+            recipe += f" --output_dir {json.loads((model_dir / RESAMPLER_RECIPE).read_text())['output_dir']}"
         found.append(f"- `model/`: the learned resampler for {', '.join(f'resampler:{r}' for r in levels)} "
-                     f"(`{command}`)")
+                     f"(`{recipe}`)")
     found += [f"- `{name}/`: {what} (`{command}`)" for name, what, command in EXTRAS if (model_dir / name).is_dir()]
     return ["## Added after training", "", *found, ""] if found else []
 

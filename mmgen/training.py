@@ -155,8 +155,7 @@ class Trainer:
         model = self.unwrapped
         model.backbone.load_state_dict(source.backbone.state_dict())
         weights = source.model.state_dict()
-        stale = [k for k in weights if k.startswith(RESAMPLER_PREFIX)]
-        if stale and model.image_modules.compressor.resampler is None:
+        if model.image_modules.compressor.resampler is None and any(k.startswith(RESAMPLER_PREFIX) for k in weights):
             # The resampler reads the image tokens this training changes, so it is retrained afterwards
             # (`python -m mmgen.train_resampler`) rather than carried along stale.
             weights = {k: v for k, v in weights.items() if not k.startswith(RESAMPLER_PREFIX)}
