@@ -239,6 +239,24 @@ def test_batch_with_drafting_equals_batch_1_greedy(make_pipeline):
         assert [signature(row) for row in out.segments] == singles, f"{drafter} in a batch changed a row"
 
 
+@pytest.mark.parametrize("spec", ["pool:2", "merge:4", "prune-attn:4", "dct:2"])
+def test_drafting_composes_with_compression_of_context_images(make_pipeline, spec):
+    """With context images compressed (given and drawn ones), every drafter still leaves greedy output as
+    plain decoding under the same compression gives it, in a batch."""
+    pipe = make_pipeline("llama", image_scale=6.0)
+    pipe.drafter = random_head(pipe)
+    red = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
+    blue = PIL.Image.new("RGB", (16, 16), (30, 30, 200))
+    prompts = [[red, " what colour is it?"], ["a story.", blue, " then", red, " and then"], ["tell a story."]]
+    kwargs = {**GREEDY, "compression": spec}
+    plain, truth = plain_tokens(pipe, prompts, **kwargs)
+    assert pipe.last_stats.tokens_per_context_image == pipe.model.compressor.num_tokens(spec) < pipe.model.compressor.num_tokens("none")
+    for drafter in ("ngram", "vision-head", Oracle(truth)):
+        out = pipe(prompts, drafter=drafter, generator=seeded(len(prompts)), **kwargs)
+        assert [signature(row) for row in out.segments] == plain, f"{drafter} changed the output under {spec}"
+    assert pipe.last_stats.accepted_tokens > 0  # the oracle's drafts were verified and taken
+
+
 # -- drafters --------------------------------------------------------------------------------------------
 def update_of(tokens: list[int]) -> ContextUpdate:
     return ContextUpdate(ids=tokens, positions=list(range(len(tokens))), modality=[TEXT] * len(tokens))
