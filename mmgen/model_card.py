@@ -15,19 +15,20 @@ CARD = "README.md"
 BENCH = "shapesbench.json"
 
 
-STAGE_CURVE = re.compile(r"training_curve_from_step_(\d+)\.png")
+STAGE_CURVE_PREFIX = "training_curve_from_step_"  # + the stage's first step + ".png"
+STAGE_CURVE = re.compile(re.escape(STAGE_CURVE_PREFIX) + r"(\d+)\.png")
 
 
 def curve_name(stage_start: int = 0) -> str:
     """The curve's file: one per training stage, so a later stage exported into the same folder keeps the
     curves of the stages before it."""
-    return CURVE if stage_start == 0 else f"training_curve_from_step_{stage_start}.png"
+    return CURVE if stage_start == 0 else f"{STAGE_CURVE_PREFIX}{stage_start}.png"
 
 
 def stage_curves(folder: Path) -> dict[int, Path]:
     """The training curves in `folder` by the step their stage starts at."""
     curves = {0: folder / CURVE} if (folder / CURVE).is_file() else {}
-    for path in folder.glob("training_curve_from_step_*.png"):
+    for path in folder.glob(f"{STAGE_CURVE_PREFIX}*.png"):
         if match := STAGE_CURVE.fullmatch(path.name):
             curves[int(match.group(1))] = path
     return dict(sorted(curves.items()))
