@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,20 @@ import yaml
 from transformers import HfArgumentParser
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so `mixed_precision: no` stays the string
+    "no" (YAML 1.1 reads no/yes/on/off as booleans; a bool option still parses them from the string)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 @dataclass
@@ -98,7 +113,7 @@ def parse_config(
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
         try:
-            defaults = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+            defaults = yaml.load(path.read_bytes().decode("utf-8"), Loader=ConfigLoader) or {}
         except UnicodeDecodeError as err:
             raise ValueError(f"config file {path} is not valid UTF-8 (byte {err.start})") from None
         except yaml.YAMLError as err:

@@ -172,6 +172,15 @@ def test_bad_configs_are_rejected_with_clear_messages(tmp_path, vae_dir):
         Trainer(model_args, args)
 
 
+def test_yaml_words_no_and_off_keep_their_meaning_in_a_config(tmp_path):
+    config = tmp_path / "words.yaml"
+    config.write_text("mixed_precision: no\nbackbone_type: on\ndata: off\n")
+    model_args, args = parse_config((ModelArguments, TrainArguments), config)
+    assert (args.mixed_precision, model_args.backbone_type, args.data) == ("no", "on", "off")
+    config.write_text("mixed_precision: bf16\nmax_steps: 7\n")
+    assert parse_config((ModelArguments, TrainArguments), config)[1].max_steps == 7
+
+
 def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae_dir, caplog):
     (tmp_path / "a").mkdir()
     first = write_config(tmp_path / "a", vae_dir, max_steps=3, export_dir=str(tmp_path / "model"))
