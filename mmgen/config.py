@@ -87,6 +87,10 @@ class TrainArguments:
     data: str = field(default="shapesworld", metadata={"help": "'shapesworld', or a local interleaved jsonl file."})
     images_dir: str | None = field(default=None, metadata={"help": "Image folder of a jsonl dataset."})
     task_weights: dict | None = field(default=None, metadata={"help": "ShapesWorld task mix, e.g. {t2i: 4, i2t: 2}."})
+    category_weights: dict | None = field(
+        default=None,
+        metadata={"help": "Weights of ShapesWorld categories within their task (others 1), e.g. {position: 3}."},
+    )
     init_from: str | None = field(
         default=None,
         metadata={"help": "A saved pipeline folder whose weights (and step) a run starts from when it has no "

@@ -95,6 +95,9 @@ class ShapesWorldData:
         self.tasks = list(weights)
         self.weights = [float(weights[t]) for t in self.tasks]
         self.world_cls = ShapesWorld
+        self.category_weights = args.category_weights
+        if self.category_weights:
+            ShapesWorld.check_category_weights(self.category_weights)
 
     def batch(self, step: int, micro: int = 0) -> PackedBatch:
         seed = batch_seed(self.args.seed, step, micro, self.process_index)
@@ -102,7 +105,7 @@ class ShapesWorldData:
         rng = random.Random(seed)
         pairs = []
         for _ in range(self.args.batch_size):
-            sample = world.sample(task=rng.choices(self.tasks, self.weights)[0])
+            sample = world.sample(task=rng.choices(self.tasks, self.weights)[0], category_weights=self.category_weights)
             pairs.append((list(sample.prompt), list(sample.answer)))
         return self.builder.build(pairs, rng)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -292,6 +293,16 @@ def test_stream_is_endless_and_respects_tasks_and_weights():
     assert len({next(mixed).task for _ in range(60)}) == 4
 
 
+def test_category_weights_shift_the_mix_within_a_task_and_leave_unweighted_streams_alone():
+    weights = {"position": 5.0, "single_object": 0.0}
+    drawn = Counter(ShapesWorld(seed=2).sample_at(i, task="t2i", category_weights=weights).category
+                    for i in range(400))
+    assert "single_object" not in drawn
+    assert drawn["position"] > 0.4 * 400  # 5 of 10 parts, against 1 in 6 unweighted
+    plain = [ShapesWorld(seed=2).sample_at(i, task="t2i").category for i in range(40)]
+    assert [ShapesWorld(seed=2).sample_at(i, task="t2i", category_weights={}).category for i in range(40)] == plain
+
+
 def test_world_rejects_bad_arguments_with_clear_errors():
     world = ShapesWorld(seed=0)
     with pytest.raises(ValueError, match="unknown task"):
@@ -302,5 +313,11 @@ def test_world_rejects_bad_arguments_with_clear_errors():
         world.sample(task="t2i", category="caption")
     with pytest.raises(ValueError, match="weights"):
         world.stream(tasks=["t2i"], weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="unknown category 'vibes' in category_weights"):
+        world.sample(category_weights={"vibes": 1.0})
+    with pytest.raises(ValueError, match="every category of task 'story'"):
+        world.sample(category_weights={"given": 0, "free": 0})
+    with pytest.raises(ValueError, match="must be a number >= 0"):
+        world.sample(category_weights={"caption": -1})
     with pytest.raises(TypeError):
         ShapesWorld(seed="zero")

@@ -170,6 +170,9 @@ def test_bad_configs_are_rejected_with_clear_messages(tmp_path, vae_dir):
     model_args, args = parse_config((ModelArguments, TrainArguments), config)
     with pytest.raises(ValueError, match="pool:3"):
         Trainer(model_args, args)
+    config = write_config(tmp_path, vae_dir, max_steps=2, category_weights={"posture": 2.0})
+    with pytest.raises(ValueError, match="unknown category 'posture'"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), config))
 
 
 def test_yaml_words_no_and_off_keep_their_meaning_in_a_config(tmp_path):

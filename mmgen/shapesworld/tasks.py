@@ -92,9 +92,14 @@ class ShapesWorld:
 
     # -- public API -------------------------------------------------------------------------
 
-    def sample(self, task: str | None = None, category: str | None = None) -> Sample:
+    def sample(
+        self,
+        task: str | None = None,
+        category: str | None = None,
+        category_weights: Mapping[str, float] | None = None,
+    ) -> Sample:
         """The next sample (of `task` / `category` if given, else of a task drawn by DEFAULT_WEIGHTS)."""
-        s = self.sample_at(self._next, task, category)
+        s = self.sample_at(self._next, task, category, category_weights=category_weights)
         self._next += 1
         return s
 
@@ -105,8 +110,10 @@ class ShapesWorld:
         category: str | None = None,
         tasks: Sequence[str] | None = None,
         weights: Sequence[float] | Mapping[str, float] | None = None,
+        category_weights: Mapping[str, float] | None = None,
     ) -> Sample:
-        """Sample number `index` of this world. A task not given is drawn from `tasks` with `weights`."""
+        """Sample number `index` of this world. A task not given is drawn from `tasks` with `weights`; a
+        category not given is drawn uniformly from its task's, or by `category_weights` (missing ones: 1)."""
         if not isinstance(index, int) or index < 0:
             raise ValueError(f"index must be a non-negative int, got {index!r}")
         task, category = self._resolve(task, category)
@@ -115,7 +122,7 @@ class ShapesWorld:
             names, probs = self._task_weights(tasks, weights)
             task = rng.choices(names, weights=probs)[0]
         if category is None:
-            category = rng.choice(TASKS[task])
+            category = self._draw_category(rng, task, category_weights)
         return getattr(self, f"_{task}")(rng, category)
 
     def stream(
@@ -167,6 +174,24 @@ class ShapesWorld:
         if any(p < 0 for p in probs) or sum(probs) <= 0:
             raise ValueError(f"weights must be non-negative with a positive sum, got {probs}")
         return names, probs
+
+    @staticmethod
+    def check_category_weights(category_weights: Mapping[str, float]) -> None:
+        for name, weight in category_weights.items():
+            if name not in CATEGORY_TASK:
+                raise ValueError(f"unknown category {name!r} in category_weights; expected one of {list(CATEGORY_TASK)}")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+                raise ValueError(f"category weight of {name!r} must be a number >= 0, got {weight!r}")
+        for task, names in TASKS.items():
+            if all(category_weights.get(c, 1.0) == 0 for c in names):
+                raise ValueError(f"category_weights give every category of task {task!r} weight 0")
+
+    @classmethod
+    def _draw_category(cls, rng: random.Random, task: str, category_weights: Mapping[str, float] | None) -> str:
+        if not category_weights:
+            return rng.choice(TASKS[task])  # the draw of every stream made without weights
+        cls.check_category_weights(category_weights)
+        return rng.choices(TASKS[task], weights=[float(category_weights.get(c, 1.0)) for c in TASKS[task]])[0]
 
     def _image(self, scene: Scene) -> Image:
         return Image(image=render(scene, self.size))
