@@ -1,8 +1,8 @@
 """Benchmark case "drafting": speculative text decoding against plain decoding (DESIGN.md §6, §9).
 
-- Image-grounded prompts (ShapesWorld captions, attribute/count/position QA, and story steps with the
-  earlier pictures in the context), one at a time: text tokens/s (image time excluded), τ and acceptance
-  per drafter, and the lossless check (greedy output of every drafter token-identical to plain decoding).
+- Image-grounded prompts, in equal parts ShapesWorld captions, attribute/count/position QA, and story steps
+  with the earlier pictures in the context, one at a time: text tokens/s (image time excluded), τ (also
+  per kind) and acceptance per drafter, and the lossless check (greedy output of every drafter token-identical to plain decoding).
 - Text-only prompts on the bare backbone: our drafters against transformers' own `generate()` plain,
   with `prompt_lookup_num_tokens` and with `assistant_model` (the same draft LM our `draft-lm` uses).
 - Batch 4 with drafting against batch 4 without: identical outputs and the throughput ratio.
@@ -39,18 +39,27 @@ logger = logging.getLogger(__name__)
 IMAGE_TOLERANCE = 1e-3  # on latents of unit scale: float noise passes, a different picture does not
 
 
-def grounded_prompts(count: int, seed: int, image_size: int) -> list[list[Segment]]:
-    """Image-grounded prompts: captions and QA about a picture, and stories continued after 1-2 given steps
-    (text and picture each), so the next step's text is written with earlier pictures in view."""
+GROUNDED_KINDS = ("caption", "qa", "story")
+QA_CATEGORIES = ("color_qa", "shape_qa", "count_qa", "position_qa")
+
+
+def grounded_prompts(count: int, seed: int, image_size: int) -> list[tuple[str, list[Segment]]]:
+    """(kind, prompt) for image-grounded prompts in equal parts: captions of a picture, questions about it
+    (colour, shape, count and position in turn), and stories continued after 1-2 given steps (text and
+    picture each), so the next step's text is written with earlier pictures in view."""
     world = ShapesWorld(seed=seed, size=image_size)
     prompts = []
-    while len(prompts) < count:
-        if len(prompts) % 3 < 2:
-            prompts.append(list(world.sample(task="i2t").prompt))
-            continue
-        story = world.sample(task="story")
-        given = min(len(story.answer) // 2 - 1, 1 + len(prompts) % 2)
-        prompts.append(list(story.prompt) + list(story.answer[: 2 * given]))
+    for k in range(count):
+        kind, turn = GROUNDED_KINDS[k % len(GROUNDED_KINDS)], k // len(GROUNDED_KINDS)
+        if kind == "caption":
+            prompt = list(world.sample(category="caption").prompt)
+        elif kind == "qa":
+            prompt = list(world.sample(category=QA_CATEGORIES[turn % len(QA_CATEGORIES)]).prompt)
+        else:
+            story = world.sample(task="story")
+            given = min(len(story.answer) // 2 - 1, 1 + turn % 2)
+            prompt = list(story.prompt) + list(story.answer[: 2 * given])
+        prompts.append((kind, prompt))
     return prompts
 
 
@@ -85,9 +94,10 @@ def _identical(a: tuple, b: tuple) -> bool:
     return True
 
 
-def _run(pipe, prompts, drafter, batch: int, settings: dict) -> tuple[list[tuple], dict]:
-    """Generate for every prompt (in batches), returning output signatures and summed statistics."""
-    outputs, totals = [], dict(tokens=0, passes=0, drafted=0, accepted=0, seconds=0.0)
+def _run(pipe, prompts, drafter, batch: int, settings: dict, kinds: list[str] | None = None) -> tuple[list[tuple], dict]:
+    """Generate for every prompt (in batches), returning output signatures and summed statistics; with
+    `kinds` (one per prompt, batch 1 only), also text tokens and passes per kind."""
+    outputs, totals = [], dict(tokens=0, passes=0, drafted=0, accepted=0, seconds=0.0, by_kind={})
     for start in range(0, len(prompts), batch):
         group = [_fresh(p) for p in prompts[start : start + batch]]
         result = pipe(group, drafter=drafter, output_type="latent",
@@ -99,12 +109,17 @@ def _run(pipe, prompts, drafter, batch: int, settings: dict) -> tuple[list[tuple
         totals["drafted"] += stats.drafted_tokens
         totals["accepted"] += stats.accepted_tokens
         totals["seconds"] += stats.seconds - stats.image_seconds
+        if kinds is not None and batch == 1:
+            kind = totals["by_kind"].setdefault(kinds[start], [0, 0])
+            kind[0] += stats.text_tokens
+            kind[1] += stats.text_forwards
     return outputs, totals
 
 
-def _measure(pipe, prompts, drafter, batch: int, settings: dict, repeats: int) -> tuple[list[tuple], dict]:
+def _measure(pipe, prompts, drafter, batch: int, settings: dict, repeats: int,
+             kinds: list[str] | None = None) -> tuple[list[tuple], dict]:
     """Outputs of the first run, and text tokens/s as the median over `repeats` runs after it."""
-    outputs, first = _run(pipe, prompts, drafter, batch, settings)
+    outputs, first = _run(pipe, prompts, drafter, batch, settings, kinds)
     speeds = []
     for _ in range(repeats):
         _, totals = _run(pipe, prompts, drafter, batch, settings)
@@ -177,18 +192,18 @@ def drafting_case(pipe, options: BenchOptions) -> CaseResult:
     quick = options.quick
     repeats = 1 if quick else options.repeats
     image_size = pipe.model.config.image_size
-    grounded = grounded_prompts(4 if quick else 60, options.seed, image_size)
+    kinds, grounded = map(list, zip(*grounded_prompts(6 if quick else 60, options.seed, image_size)))
     settings = dict(max_new_tokens=6 if quick else 64, num_inference_steps=1 if quick else 4, max_images=1,
                     temperature=0.0)
     drafters = available_drafters(pipe, quick)
     rows, ratios = [], {}
 
     # 1. Image-grounded prompts, one at a time, fp32 greedy: speed, τ, acceptance, losslessness.
-    plain_out, plain = _measure(pipe, grounded, None, 1, settings, repeats)
+    plain_out, plain = _measure(pipe, grounded, None, 1, settings, repeats, kinds)
     rows.append(_row("grounded", "plain", plain, plain, 1.0))
     results = {}
     for name, drafter in drafters.items():
-        outputs, result = _measure(pipe, grounded, drafter, 1, settings, repeats)
+        outputs, result = _measure(pipe, grounded, drafter, 1, settings, repeats, kinds)
         same = sum(_identical(a, b) for a, b in zip(outputs, plain_out)) / len(grounded)
         results[name] = result
         rows.append(_row("grounded", name, result, plain, same))
@@ -244,12 +259,14 @@ def drafting_case(pipe, options: BenchOptions) -> CaseResult:
 
 
 def _row(workload: str, name: str, result: dict, plain: dict, identical: float) -> dict:
+    """A table row; grounded rows also give τ per kind of prompt (`tau_caption`, `tau_qa`, `tau_story`)."""
     return {
         "workload": workload,
         "drafter": name,
         "tokens_per_s": result["tokens_per_s"],
         "speedup": result["tokens_per_s"] / plain["tokens_per_s"],
         "tau": result["tau"],
+        **{f"tau_{kind}": tokens / max(passes, 1) for kind, (tokens, passes) in result["by_kind"].items()},
         "acceptance": result["acceptance"] if result["drafted"] else "",
         "identical_to_plain": identical,
     }

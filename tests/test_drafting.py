@@ -426,6 +426,21 @@ def test_drafting_bench_case_runs_quick_and_reports_its_ratios(make_pipeline, tm
     grounded = [row for row in result.rows if row["workload"] != "text-only"]
     assert all(row["identical_to_plain"] == 1.0 for row in grounded), "drafting must not change greedy output"
     assert next(r for r in result.rows if r["drafter"] == "hf plain")["matches_ours"] == 1.0
+    plain = next(r for r in grounded if r["drafter"] == "plain")
+    assert all(plain[f"tau_{kind}"] == 1.0 for kind in ("caption", "qa", "story")), plain
+
+
+def test_grounded_bench_prompts_are_captions_questions_and_story_steps_in_equal_parts():
+    from mmgen.evals.bench_drafting import grounded_prompts
+    from mmgen.segments import Image
+
+    prompts = grounded_prompts(12, seed=0, image_size=32)
+    assert [kind for kind, _ in prompts] == ["caption", "qa", "story"] * 4
+    for kind, prompt in prompts:
+        pictures = sum(isinstance(s, Image) for s in prompt)
+        assert pictures == 1 if kind != "story" else pictures >= 1, (kind, prompt)
+    questions = [prompt[-1].text for kind, prompt in prompts if kind == "qa"]
+    assert len(set(questions)) == 4 and any("how many" in q for q in questions) and any("color" in q for q in questions)
 
 
 def test_the_drafting_bench_calls_outputs_identical_by_tokens_and_pictures():
