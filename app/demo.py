@@ -239,9 +239,9 @@ def serve(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, sha
 
 
 def launch(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           concurrency_limit: int = 1) -> None:
+           concurrency_limit: int = 1, dtype: str = "float32") -> None:
     """Load a model folder (default: the embedded default model) once and serve the demo until stopped."""
     logger.info("loading %s", model or "the embedded default model")
-    pipe = MMGenPipeline.from_pretrained(model)
+    pipe = MMGenPipeline.from_pretrained(model, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     serve(build_demo(pipe, concurrency_limit=concurrency_limit), host=host, port=port, share=share)

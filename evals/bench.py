@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for smoke tests")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16; every case runs in it")
     parser.add_argument("-o", "--out-dir", default="bench", help="where plots and artefacts go")
     return parser
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mmgen.pipelines import MMGenPipeline
 
-    pipe = MMGenPipeline.from_pretrained(None if args.model in (None, "default") else args.model)
+    pipe = MMGenPipeline.from_pretrained(None if args.model in (None, "default") else args.model, dtype=args.dtype)
     pipe.set_progress_bar_config(disable=True)
     options = BenchOptions(repeats=args.repeats, quick=args.quick, seed=args.seed, out_dir=Path(args.out_dir))
     options.out_dir.mkdir(parents=True, exist_ok=True)

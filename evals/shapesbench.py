@@ -10,7 +10,7 @@ one per step for stories). With `out_dir` the run is resumable like every other 
 
     out_dir/results.jsonl   one row per sample, appended as it finishes (`ResultsLog`)
     out_dir/images/         prompt and answer images the rows refer to
-    out_dir/settings.json   seed, image size and generation settings; a rerun must match them
+    out_dir/settings.json   seed, image size, generation settings and dtype; a rerun must match them
     out_dir/summary.json    the ShapesBench summary (written atomically)
     out_dir/report.md       the summary table, a bar chart per category, grids of successes and failures
 """
@@ -319,7 +319,8 @@ def run_shapesbench(
     folder = None if out_dir is None else Path(out_dir)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        _check_settings(folder, {"seed": seed, "image_size": size, "generation": generation_kwargs})
+        dtype = str(getattr(pipe, "dtype", torch.float32)).removeprefix("torch.")
+        _check_settings(folder, {"seed": seed, "image_size": size, "generation": generation_kwargs, "dtype": dtype})
         log = ResultsLog(folder / RESULTS_FILE)
     todo = [item for item in selected if log is None or item[0] not in log]
     if len(todo) < len(selected):
@@ -379,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--image-guidance-scale", type=float, default=None)
     parser.add_argument("--compression", default=None, help="compression of context images (default: none)")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_categories(categories)  # a typo fails before the model loads
         from mmgen.pipelines import MMGenPipeline
 
-        pipe = MMGenPipeline.from_pretrained(None if args.model == "default" else args.model)
+        pipe = MMGenPipeline.from_pretrained(None if args.model == "default" else args.model, dtype=args.dtype)
         summary = run_shapesbench(
             pipe, n=args.n, seed=args.seed, categories=categories, out_dir=args.output,
             batch_size=args.batch_size, progress=not args.no_progress, **generation,

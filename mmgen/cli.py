@@ -11,10 +11,13 @@ from pathlib import Path
 logger = logging.getLogger("mmgen")
 
 
-def _load_pipeline(model: str | None):
+DTYPE_HELP = "float32 (default) or bfloat16, faster on CPUs with AVX-512 BF16; drafting is exact in float32 only"
+
+
+def _load_pipeline(model: str | None, dtype: str = "float32"):
     from .pipelines import MMGenPipeline
 
-    return MMGenPipeline.from_pretrained(None if model in (None, "default") else model)
+    return MMGenPipeline.from_pretrained(None if model in (None, "default") else model, dtype=dtype)
 
 
 def _read_image(path: str):
@@ -35,7 +38,7 @@ def cmd_generate(args) -> int:
         raise ValueError(f"output folder {out_dir} is a file")
     images = [_read_image(p) for p in args.image or []]
     prompt = [*images, args.prompt] if args.prompt.strip() else images
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(args.model, args.dtype)
     out = pipe(
         prompt,
         max_new_tokens=args.max_new_tokens,
@@ -104,7 +107,7 @@ def cmd_bench(args, rest: list[str]) -> int:
 def cmd_demo(args) -> int:
     from .app import launch
 
-    launch(model=args.model, host=args.host, port=args.port)
+    launch(model=args.model, host=args.host, port=args.port, dtype=args.dtype)
     return 0
 
 
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--drafter", default=None)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="float32", help=DTYPE_HELP)
 
     train = sub.add_parser("train", help="train a unified model from a YAML config; extra --flags override it")
     train.add_argument("config")
@@ -167,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None)
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--dtype", default="float32", help=DTYPE_HELP)
 
     info = sub.add_parser("info", help="describe a model folder")
     info.add_argument("--model", default=None)

@@ -38,6 +38,10 @@ from mmgen.stream import TEXT as TEXT_TOKEN
 
 from .decoding import BatchCache, Chunk, fresh_forward, sample_tokens
 
+# `dtype` names a pipeline loads in. bfloat16 runs the matrix products at a fraction of fp32's cost on CPUs
+# with AVX-512 BF16 or AMX; drafting is token-identical to plain decoding in float32 only.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 TEXT, IMAGE, DRAW, FEEDBACK, DONE = "text", "image", "draw", "feedback", "done"
 
 
@@ -188,8 +192,13 @@ class MMGenPipeline(DiffusionPipeline):
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None = None, **kwargs) -> MMGenPipeline:
-        """Load from a local folder; with no path, the embedded default model. Safetensors only, no hub."""
+        """Load from a local folder; with no path, the embedded default model. Safetensors only, no hub.
+        `dtype` may be a torch dtype or one of the names in `DTYPES`."""
         path = check_pipeline_folder(pretrained_model_name_or_path or DEFAULT_MODEL_DIR)
+        if isinstance(kwargs.get("dtype"), str):
+            if kwargs["dtype"] not in DTYPES:
+                raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {kwargs['dtype']!r}")
+            kwargs["dtype"] = DTYPES[kwargs["dtype"]]
         kwargs.setdefault("use_safetensors", True)
         kwargs.setdefault("local_files_only", True)
         kwargs.setdefault("low_cpu_mem_usage", False)

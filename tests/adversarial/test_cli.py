@@ -100,3 +100,9 @@ def test_the_real_executable(argument, case, model_dir, tmp_path):
     result = subprocess.run([sys.executable, "-m", "mmgen.cli", *argv], capture_output=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     check_outcome(case.error, result.returncode, result.stderr.decode("utf-8", "replace"), tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", None), ("half", "dtype must be one of float32, bfloat16")])
+def test_generate_loads_the_model_in_the_dtype_asked_for(dtype, expected, model_dir, tmp_path, capsys):
+    code, stderr = run_main([*generate_argv(Case("plain"), model_dir, tmp_path), "--dtype", dtype], capsys)
+    check_outcome(expected, code, stderr, tmp_path / "out")
