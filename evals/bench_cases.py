@@ -1,4 +1,4 @@
-"""Benchmark cases of the generation loop: story end to end, seconds per image vs context, batching.
+"""Benchmark cases of the generation loop: story end to end, seconds per image vs context, batching, precision.
 
 Baselines run in the same process on the same model:
 - the re-forward loop (Show-o2 style) keeps no cache: every text token and every flow step re-runs the
@@ -9,6 +9,8 @@ Both replay exactly the segments our pipeline produced, so each side does the sa
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -235,3 +237,48 @@ def batch_case(pipe, options: BenchOptions) -> CaseResult:
         key = "batch8_vs_batch1_throughput" if name == "mixed" else "batch8_vs_batch1_text_throughput"
         ratios[key] = t_single / t_batch
     return CaseResult("batch", rows, ratios)
+
+
+@bench_case("precision")
+def precision_case(pipe, options: BenchOptions) -> CaseResult:
+    """The same workloads with the pipeline in float32 and in bfloat16, in one run: 8 text→image prompts in
+    one batch and one at a time (images/s), and 8 image→text prompts one at a time (text tokens/s, image
+    time excluded). bfloat16 pays where the CPU multiplies bf16 matrices natively (AVX-512 BF16, AMX)."""
+    settings = _settings(options)
+    world = ShapesWorld(seed=options.seed + 3)
+    drawing = [list(world.sample(task="t2i").prompt) for _ in range(8)]
+    reading = [list(world.sample(task="i2t").prompt) for _ in range(8)]
+    kwargs = dict(max_new_tokens=8 if options.quick else 24, max_images=1, **settings)
+    seeds = range(len(drawing))
+    rows, speeds = [], {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = pipe if pipe.dtype == dtype else copy.deepcopy(pipe).to(dtype)
+
+        def batched(model=model):
+            return model(drawing, generator=[torch.Generator().manual_seed(k) for k in seeds], **kwargs)
+
+        def one_at_a_time(model=model, prompts=drawing):
+            return [model([p], generator=[torch.Generator().manual_seed(k)], **kwargs) for k, p in enumerate(prompts)]
+
+        def text_tokens_per_s(model=model) -> float:
+            tokens = seconds = 0.0
+            for k, prompt in enumerate(reading):
+                model([prompt], generator=[torch.Generator().manual_seed(k)], **kwargs)
+                tokens += model.last_stats.text_tokens
+                seconds += model.last_stats.seconds - model.last_stats.image_seconds
+            return tokens / seconds
+
+        name = str(dtype).removeprefix("torch.")
+        speeds[name] = {
+            "images_per_s_batch8": len(drawing) / median_seconds(batched, options.repeats),
+            "images_per_s_batch1": len(drawing) / median_seconds(one_at_a_time, options.repeats),
+            "text_tokens_per_s": sorted(text_tokens_per_s() for _ in range(options.repeats))[options.repeats // 2],
+        }
+        rows.append({"dtype": name, **speeds[name]})
+    fp32, bf16 = speeds["float32"], speeds["bfloat16"]
+    ratios = {
+        "bf16_vs_fp32_images_batch8": bf16["images_per_s_batch8"] / fp32["images_per_s_batch8"],
+        "bf16_vs_fp32_images_batch1": bf16["images_per_s_batch1"] / fp32["images_per_s_batch1"],
+        "bf16_vs_fp32_text_tokens": bf16["text_tokens_per_s"] / fp32["text_tokens_per_s"],
+    }
+    return CaseResult("precision", rows, ratios)

@@ -139,7 +139,8 @@ class UnifiedModel(nn.Module):
         expected = (tok.latent_channels, tok.latent_size, tok.latent_size)
         if tuple(latents.shape[1:]) != expected:
             raise ValueError(f"image latents must have shape {expected}, got {tuple(latents.shape[1:])}")
-        patches = self.image_tokenizer.patchify(latents)
+        # A latent may come cached on an Image segment from a pipeline in another dtype.
+        patches = self.image_tokenizer.patchify(latents).to(self.image_modules.queries.dtype)
         importance = None
         if self.image_modules.compressor.parse(compression).method == "prune-attn":
             importance = self.vision_attention(patches, readers)

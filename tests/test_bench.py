@@ -38,6 +38,17 @@ def test_story_image_and_batch_cases_write_their_ratios(model_dir, tmp_path, cap
     assert "story_vs_reforward" in printed and f"wrote {out}" in printed
 
 
+def test_the_precision_case_runs_both_dtypes_from_a_bfloat16_pipeline_too(model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["precision", "--quick", "--repeats", "1", "--model", str(model_dir), "--dtype", "bfloat16",
+                 "--json", str(out), "-o", str(tmp_path / "artefacts")]) == 0
+    (result,) = json.loads(out.read_text())
+    assert [row["dtype"] for row in result["rows"]] == ["float32", "bfloat16"]
+    assert set(result["ratios"]) == {"bf16_vs_fp32_images_batch8", "bf16_vs_fp32_images_batch1",
+                                     "bf16_vs_fp32_text_tokens"}
+    assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
+
+
 def test_an_unknown_case_is_named(model_dir):
     with pytest.raises(ValueError, match="unknown bench case.*nonsense"):
         main(["nonsense", "--model", str(model_dir)])

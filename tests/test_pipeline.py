@@ -147,12 +147,15 @@ def test_prompt_longer_than_the_context_is_rejected(make_pipeline):
 
 
 def test_a_pipeline_loads_in_bfloat16_by_name_and_runs_the_whole_loop(make_pipeline, tmp_path):
-    make_pipeline("llama", image_scale=5.0).save_pretrained(tmp_path)
+    full = make_pipeline("llama", image_scale=5.0)
+    full.save_pretrained(tmp_path)
     pipe = MMGenPipeline.from_pretrained(tmp_path, dtype="bfloat16")
     pipe.set_progress_bar_config(disable=True)
     for name in ("backbone", "vae", "model"):
         assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.bfloat16}, name
-    picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
+    picture = Image(PIL.Image.new("RGB", (16, 16), (200, 30, 30)))
+    full([picture, " what is it?"], max_new_tokens=2)  # leaves a float32 latent on the segment
+    assert picture.latent.dtype == torch.float32
     out = pipe([picture, " draw a red circle."], max_new_tokens=24, num_inference_steps=2, max_images=2,
                compression="pool:2")
     assert "ITI" in kinds(out.segments[0]) and all(im.size == (16, 16) for im in out.images[0])
