@@ -693,11 +693,12 @@ class MMGenPipeline(DiffusionPipeline):
         return null, torch.stack([h[-q:] for h in fresh_forward(model, text_chunks)])
 
     def initial_noise(self, generators: list[torch.Generator | None]) -> torch.Tensor:
-        """Patch tokens of pure noise, one image per generator."""
+        """Patch tokens of pure noise, one image per generator, in the flow head's dtype (drawn in float32, so
+        a seed gives the same noise in every dtype)."""
         tokenizer = self.unified.image_tokenizer
         shape = (tokenizer.latent_channels, tokenizer.latent_size, tokenizer.latent_size)
         noise = [torch.randn(shape, generator=g, device=self.unified.device) for g in generators]
-        return tokenizer.patchify(torch.stack(noise))
+        return tokenizer.patchify(torch.stack(noise)).to(self.unified.image_modules.queries.dtype)
 
     def denoise(self, x: torch.Tensor, branches: list[torch.Tensor], guidance: Guidance, num_inference_steps: int,
                 callback_on_step_end: Callable | None = None, velocity_fn: Callable | None = None) -> torch.Tensor:
@@ -743,7 +744,7 @@ class MMGenPipeline(DiffusionPipeline):
                 [r.image_position for r in rows], [r.text_only_ids for r in rows] if use_image_cfg else None
             )
             branches += [null] + ([text_only] if use_image_cfg else [])
-        x = self.initial_noise([r.generator for r in rows]).to(cond.dtype)
+        x = self.initial_noise([r.generator for r in rows])
         x = self.denoise(x, branches, guidance, num_inference_steps, callback_on_step_end)
         latents = tokenizer.unpatchify(x)
         pixels = tokenizer.postprocess(tokenizer.decode(latents)) if output_type != "latent" else [None] * len(rows)

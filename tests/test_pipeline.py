@@ -159,5 +159,8 @@ def test_a_pipeline_loads_in_bfloat16_by_name_and_runs_the_whole_loop(make_pipel
     out = pipe([picture, " draw a red circle."], max_new_tokens=24, num_inference_steps=2, max_images=2,
                compression="pool:2")
     assert "ITI" in kinds(out.segments[0]) and all(im.size == (16, 16) for im in out.images[0])
+    noise = pipe.initial_noise([torch.Generator().manual_seed(3)])
+    assert noise.dtype == torch.bfloat16  # what the flow head and the bench's baselines take as they are
+    assert torch.equal(noise, full.initial_noise([torch.Generator().manual_seed(3)]).to(torch.bfloat16))
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, got 'half'"):
         MMGenPipeline.from_pretrained(tmp_path, dtype="half")
