@@ -242,15 +242,17 @@ def batch_case(pipe, options: BenchOptions) -> CaseResult:
 @bench_case("precision")
 def precision_case(pipe, options: BenchOptions) -> CaseResult:
     """The same workloads with the pipeline in float32 and in bfloat16, in one run: 8 text→image prompts in
-    one batch and one at a time (images/s), and 8 image→text prompts one at a time (text tokens/s, image
-    time excluded). bfloat16 pays where the CPU multiplies bf16 matrices natively (AVX-512 BF16, AMX)."""
+    one batch and one at a time (images/s), 8 image→text prompts one at a time (text tokens/s, image time
+    excluded), and a training step (forward and backward of a batch of the default recipe) on float32
+    weights, plain and under bf16 autocast as `mixed_precision: bf16` runs it. bfloat16 pays where the CPU
+    multiplies bf16 matrices natively (AVX-512 BF16, AMX)."""
     settings = _settings(options)
     world = ShapesWorld(seed=options.seed + 3)
     drawing = [list(world.sample(task="t2i").prompt) for _ in range(8)]
     reading = [list(world.sample(task="i2t").prompt) for _ in range(8)]
     kwargs = dict(max_new_tokens=8 if options.quick else 24, max_images=1, **settings)
     seeds = range(len(drawing))
-    rows, speeds = [], {}
+    rows = []
     for dtype in (torch.float32, torch.bfloat16):
         model = pipe if pipe.dtype == dtype else copy.deepcopy(pipe).to(dtype)
 
@@ -268,17 +270,44 @@ def precision_case(pipe, options: BenchOptions) -> CaseResult:
                 seconds += model.last_stats.seconds - model.last_stats.image_seconds
             return tokens / seconds
 
-        name = str(dtype).removeprefix("torch.")
-        speeds[name] = {
+        rows.append({
+            "dtype": str(dtype).removeprefix("torch."),
             "images_per_s_batch8": len(drawing) / median_seconds(batched, options.repeats),
             "images_per_s_batch1": len(drawing) / median_seconds(one_at_a_time, options.repeats),
             "text_tokens_per_s": sorted(text_tokens_per_s() for _ in range(options.repeats))[options.repeats // 2],
-        }
-        rows.append({"dtype": name, **speeds[name]})
-    fp32, bf16 = speeds["float32"], speeds["bfloat16"]
+        })
+    # Training: forward and backward of one ShapesWorld batch on float32 weights, plain and under bf16 autocast.
+    trainee = pipe if pipe.dtype == torch.float32 else copy.deepcopy(pipe).to(torch.float32)
+    batch = _training_batch(trainee, batch_size=4 if options.quick else 24, seed=options.seed)
+    for row in rows:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=row["dtype"] == "bfloat16")
+        row["train_steps_per_s"] = 1 / median_seconds(
+            lambda autocast=autocast: _train_step(trainee.unified, batch, autocast), options.repeats)
+    fp32, bf16 = rows
     ratios = {
         "bf16_vs_fp32_images_batch8": bf16["images_per_s_batch8"] / fp32["images_per_s_batch8"],
         "bf16_vs_fp32_images_batch1": bf16["images_per_s_batch1"] / fp32["images_per_s_batch1"],
         "bf16_vs_fp32_text_tokens": bf16["text_tokens_per_s"] / fp32["text_tokens_per_s"],
+        "bf16_autocast_vs_fp32_train_step": bf16["train_steps_per_s"] / fp32["train_steps_per_s"],
     }
     return CaseResult("precision", rows, ratios)
+
+
+def _training_batch(pipe, batch_size: int, seed: int):
+    """A packed batch of the default recipe's task mix, as the trainer builds it."""
+    from mmgen.config import TrainArguments
+    from mmgen.data import BatchBuilder, ShapesWorldData
+
+    model = pipe.unified
+    args = TrainArguments(output_dir="unused", batch_size=batch_size, seed=seed, max_length=768,
+                          task_weights={"t2i": 5.0, "i2t": 5.0, "story": 2.0, "edit": 0.5})
+    builder = BatchBuilder(pipe.codec, model.image_tokenizer, model.image_modules.compressor, args)
+    return ShapesWorldData(builder, args, image_size=model.image_tokenizer.image_size).batch(0)
+
+
+def _train_step(model, batch, autocast) -> None:
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad(), autocast:
+        loss = model(batch, flow_repeats=2).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)

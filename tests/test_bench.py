@@ -45,7 +45,7 @@ def test_the_precision_case_runs_both_dtypes_from_a_bfloat16_pipeline_too(model_
     (result,) = json.loads(out.read_text())
     assert [row["dtype"] for row in result["rows"]] == ["float32", "bfloat16"]
     assert set(result["ratios"]) == {"bf16_vs_fp32_images_batch8", "bf16_vs_fp32_images_batch1",
-                                     "bf16_vs_fp32_text_tokens"}
+                                     "bf16_vs_fp32_text_tokens", "bf16_autocast_vs_fp32_train_step"}
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
 
 
