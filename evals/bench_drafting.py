@@ -2,7 +2,8 @@
 
 - Image-grounded prompts, in equal parts ShapesWorld captions, attribute/count/position QA, and story steps
   with the earlier pictures in the context, one at a time: text tokens/s (image time excluded), τ (also
-  per kind) and acceptance per drafter, and the lossless check (greedy output of every drafter token-identical to plain decoding).
+  per kind) and acceptance per drafter, and the lossless check (greedy output of every drafter
+  token-identical to plain decoding).
 - Text-only prompts on the bare backbone: our drafters against transformers' own `generate()` plain,
   with `prompt_lookup_num_tokens` and with `assistant_model` (the same draft LM our `draft-lm` uses).
 - Batch 4 with drafting against batch 4 without: identical outputs and the throughput ratio.

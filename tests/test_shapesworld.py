@@ -319,5 +319,7 @@ def test_world_rejects_bad_arguments_with_clear_errors():
         world.sample(category_weights={"given": 0, "free": 0})
     with pytest.raises(ValueError, match="must be a number >= 0"):
         world.sample(category_weights={"caption": -1})
+    with pytest.raises(ValueError, match="must map category names to weights"):
+        world.sample(category_weights=["position"])
     with pytest.raises(TypeError):
         ShapesWorld(seed="zero")

@@ -177,6 +177,9 @@ class ShapesWorld:
 
     @staticmethod
     def check_category_weights(category_weights: Mapping[str, float]) -> None:
+        """Refuse unknown names, negative weights and a task left with nothing to draw, before any sampling."""
+        if not isinstance(category_weights, Mapping):
+            raise ValueError(f"category_weights must map category names to weights, got {category_weights!r}")
         for name, weight in category_weights.items():
             if name not in CATEGORY_TASK:
                 raise ValueError(f"unknown category {name!r} in category_weights; expected one of {list(CATEGORY_TASK)}")
