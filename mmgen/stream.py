@@ -82,8 +82,8 @@ class ImageSpan:
     """Where one image sits in an encoded sequence.
 
     `num_queries` is Q for an image the model is trained to generate and 0 for a context image.
-    `drop_text` marks a training image whose queries see nothing before their `<|image_start|>`: the
-    unconditional branch of classifier-free guidance.
+    `drop_text` marks a training image whose `<|image_start|>` and queries see nothing before it: the
+    unconditional branch of classifier-free guidance, as the pipeline forwards it on its own.
     """
 
     start: int
@@ -291,7 +291,8 @@ def build_attention_mask(
 
     - causal, and block-diagonal over `doc_ids`, so packed sequences never see each other;
     - query tokens are read-out only: a query is seen by the queries of its own image and nobody else;
-    - a query with `query_sees_only_own_image` (text-condition dropout) sees only its own image span.
+    - a position with `query_sees_only_own_image` (text-condition dropout: an image's `<|image_start|>` and
+      its queries) sees only its own image span.
     `image_ids[i]` numbers the image span that position i belongs to (-1 for text).
     """
     length = doc_ids.numel()
@@ -385,7 +386,9 @@ def pack_sequences(sequences: Sequence[EncodedSequence], max_length: int, pad_id
                     drop_text=span.drop_text,
                 )
                 if span.drop_text:
-                    blind[shifted.query_slice] = True
+                    # `<|image_start|>` too: the queries read its keys and values, and in every layer past
+                    # the first those carry the text before it.
+                    blind[shifted.start : shifted.query_slice.stop] = True
                 spans.append((r, shifted))
             latents.extend(seq.latents)
             offset += len(seq)

@@ -23,7 +23,7 @@ from mmgen.stream import (
     pack_sequences,
 )
 
-from .conftest import ROOT, tiny_backbone, tiny_image_modules, tiny_vae
+from .conftest import ROOT, tiny_backbone, tiny_image_modules, tiny_pipeline, tiny_vae
 
 
 def latent(seed: int) -> torch.Tensor:
@@ -105,6 +105,31 @@ def test_queries_are_read_out_only_and_text_dropout_blinds_them(tokenizer):
     blind[span.query_slice] = True
     blinded = build_attention_mask(torch.zeros(n, dtype=torch.long), enc.modality, image_ids, blind) == 0
     assert not blinded[q, 0] and blinded[q, span.start], "a dropped-text query sees only its own image"
+
+
+def test_text_dropout_gives_the_queries_exactly_the_pipelines_unconditional_states(tokenizer):
+    """Classifier-free guidance needs the unconditional branch the head trained on to be the one the pipeline
+    forwards: `<|image_start|>` and the queries alone at the image's position. Were `<|image_start|>` left
+    seeing the text, its keys and values would carry the prompt into the "unconditional" queries."""
+    pipe = tiny_pipeline(tokenizer)
+    model, codec = pipe.unified, pipe.codec
+    prompt = [Text("a red circle above a blue square. then")]
+    answer = [Image(latent=latent(3)), Text(" done.")]
+    states = []
+    for drop in (False, True):
+        enc = codec.encode(prompt + answer, [16], answer_start=1)
+        enc.spans[0].drop_text = drop
+        packed = pack_sequences([enc], max_length=256, pad_id=codec.ids.pad)
+        with torch.no_grad():
+            hidden, _ = model.run_backbone(model.embed(packed.input_ids, packed.spans, packed.latents),
+                                           packed.position_ids, packed.attention_mask)
+        span = packed.spans[0][1]
+        states.append(hidden[0, span.query_slice])
+    position = int(packed.position_ids[0, span.start])
+    with torch.no_grad():
+        null, _ = pipe.branch_conds([position], None)
+    torch.testing.assert_close(states[1], null[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(states[0], null[0], atol=1e-3), "the conditional queries must see the prompt"
 
 
 def test_packed_sequence_gets_the_same_logits_as_alone(tokenizer):
