@@ -172,14 +172,16 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
         text_only = [s for s in segments if isinstance(s, Text)]
         start = encoded.next_position
         main_cache = BatchCache(model, 1)
-        main_cache.forward([prompt_chunk])
+        prompt_states = main_cache.forward([prompt_chunk])[0]
+        since_image = encoded.spans[-1].end + 1 if encoded.spans else 0
 
-        def ours(guidance, cache=main_cache, start=start, text_only=text_only):
-            cond = cache.forward([_queries_chunk(pipe, start)])[0][-q:][None]
+        def ours(guidance, cache=main_cache, start=start, text_only=text_only, text=prompt_states[since_image:]):
+            states = cache.forward([_queries_chunk(pipe, start)])[0]
+            cond = [model.head_condition(states[-q:], torch.cat([text, states[:1]]))]
             use_image_cfg = guidance.image_scale != 1.0
             text_ids = [int(t) for t in pipe.codec.encode(text_only, []).input_ids]
-            null, text = pipe.branch_conds([start], [text_ids] if use_image_cfg else None)
-            branches = [cond, null] + ([text] if use_image_cfg else [])
+            null, text_branch = pipe.branch_conds([start], [text_ids] if use_image_cfg else None)
+            branches = [cond, null] + ([text_branch] if use_image_cfg else [])
             x = pipe.initial_noise([torch.Generator().manual_seed(0)])
             x = pipe.denoise(x, branches, guidance, settings["num_inference_steps"])
             model.image_tokenizer.decode(model.image_tokenizer.unpatchify(x))

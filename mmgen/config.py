@@ -53,6 +53,11 @@ class ModelArguments:
     head_layers: int = 6
     head_heads: int = 4
     head_mlp_ratio: float = 4.0
+    head_text_tokens: int = field(
+        default=0,
+        metadata={"help": "How many states of the text before an image the flow head reads beside the queries "
+                          "(0: the queries alone)."},
+    )
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """The flow head: a small DiT that predicts rectified-flow velocity on the image latent.
 
 It sits beside the backbone (DESIGN.md §1): the backbone runs once over the query tokens, and every
-flow step runs only this head, conditioned on the query states by concatenation (joint self-attention
-over [condition tokens, latent tokens]) and on the timestep by adaLN-Zero.
+flow step runs only this head, conditioned on the backbone's states by concatenation (joint self-attention
+over [condition tokens, latent tokens]) and on the timestep by adaLN-Zero. The condition tokens are the
+query states, optionally followed by the states of the text before the image (`ImageModules`
+`head_text_tokens`); conditions of different lengths share a batch through a padding mask.
 """
 
 from __future__ import annotations
@@ -56,11 +58,12 @@ class HeadBlock(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, 1, N) bool says which tokens may be attended to (None: all)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=-1)
         q, k, v = rearrange(self.qkv(modulate(self.norm1(x), shift1, scale1)), "b n (three h d) -> three b h n d",
                             three=3, h=self.num_heads)
-        attn = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        attn = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "b h n d -> b n (h d)")
         x = x + gate1[:, None] * self.proj(attn)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -98,14 +101,36 @@ class FlowHead(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.bias)
         self.register_buffer("grid", square_grid(grid_size), persistent=False)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x_t (B, N, token_dim), t (B,) in [0, 1], cond (B, Q, cond_dim) → velocity (B, N, token_dim)."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, N, token_dim), t (B,) in [0, 1], cond (B, C, cond_dim) → velocity (B, N, token_dim).
+
+        `cond_mask` (B, C) bool marks the real condition tokens of a padded batch (None: all are real)."""
         hidden = self.config.hidden_size
         x = self.x_in(x_t) + self.pos(grid_sincos(self.grid, hidden).to(x_t.dtype))
         c_tokens = self.cond_in(cond)
-        c = self.t_mlp(sincos_embedding(t * 1000.0, hidden).to(x_t.dtype)) + self.cond_pool(c_tokens.mean(1))
+        if cond_mask is None:
+            pooled, mask = c_tokens.mean(1), None
+        else:
+            weights = cond_mask.to(c_tokens.dtype)[..., None]
+            pooled = (c_tokens * weights).sum(1) / weights.sum(1)
+            mask = torch.cat([cond_mask, cond_mask.new_ones(x.shape[:2])], dim=1)[:, None, None]
+        c = self.t_mlp(sincos_embedding(t * 1000.0, hidden).to(x_t.dtype)) + self.cond_pool(pooled)
         h = torch.cat([c_tokens, x], dim=1)
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c, mask)
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=-1)
         return self.out(modulate(self.norm_out(h[:, cond.shape[1]:]), shift, scale))
+
+
+def pad_conditions(conditions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Conditions (C_i, d) of several images → one batch (B, C, d) and its mask (B, C) of real tokens, or
+    None when all have the same length (then nothing is padded)."""
+    longest = max(c.shape[0] for c in conditions)
+    if all(c.shape[0] == longest for c in conditions):
+        return torch.stack(conditions), None
+    batch = conditions[0].new_zeros(len(conditions), longest, conditions[0].shape[-1])
+    mask = torch.zeros(len(conditions), longest, dtype=torch.bool, device=batch.device)
+    for k, c in enumerate(conditions):
+        batch[k, : c.shape[0]], mask[k, : c.shape[0]] = c, True
+    return batch, mask

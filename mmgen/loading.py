@@ -173,5 +173,6 @@ def build_model(args: ModelArguments) -> tuple[UnifiedModel, object]:
         head_layers=args.head_layers,
         head_heads=args.head_heads,
         head_mlp_ratio=args.head_mlp_ratio,
+        head_text_tokens=args.head_text_tokens,
     )
     return UnifiedModel(backbone, image_modules, image_tokenizer), tokenizer

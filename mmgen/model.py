@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention_scores import received_attention
 from .compression import CompressionSpec, VisualCompressor
-from .flow_head import FlowHead, grid_sincos, square_grid
+from .flow_head import FlowHead, grid_sincos, pad_conditions, square_grid
 from .stream import IGNORE_INDEX, ImageSpan, PackedBatch
 
 RESAMPLER_PREFIX = "compressor.resampler."  # names of the learned resampler's weights in ImageModules
@@ -29,7 +29,10 @@ class ImageModules(ModelMixin, ConfigMixin):
     """image_in + 2D positions + learned queries + compressor + flow head.
 
     `image_size` and `patch_size` record how the VAE's latents were cut into tokens, so a saved model
-    rebuilds its image tokenizer from the VAE alone. `embed_scale` is the RMS of the backbone's token
+    rebuilds its image tokenizer from the VAE alone. `head_text_tokens` is how many states of the text
+    before an image (since the previous image, ending at its `<|image_start|>`) the flow head reads beside
+    the query states: the words themselves, where the queries carry only what 16 tokens summarise of them.
+    0 conditions the head on the queries alone. `embed_scale` is the RMS of the backbone's token
     embeddings: context-image tokens and queries start at that scale, so that the backbone's first norm
     neither drowns the text beside them nor shrinks the gradient that reaches `image_in`.
     """
@@ -51,8 +54,11 @@ class ImageModules(ModelMixin, ConfigMixin):
         resampler_layers: int = 2,
         resampler_heads: int = 4,
         embed_scale: float = 0.02,
+        head_text_tokens: int = 0,
     ):
         super().__init__()
+        if head_text_tokens < 0:
+            raise ValueError(f"head_text_tokens must be 0 or more, got {head_text_tokens}")
         d = backbone_hidden_size
         self.image_in = nn.Sequential(nn.Linear(token_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.image_pos = nn.Linear(d, d)
@@ -119,6 +125,10 @@ class UnifiedModel(nn.Module):
     @property
     def num_queries(self) -> int:
         return self.image_modules.config.num_queries
+
+    @property
+    def head_text_tokens(self) -> int:
+        return self.image_modules.config.head_text_tokens
 
     @property
     def device(self) -> torch.device:
@@ -219,8 +229,29 @@ class UnifiedModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_output_embeddings()(hidden).float()
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.image_modules.flow_head(x_t, t, cond)
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                 cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.image_modules.flow_head(x_t, t, cond, cond_mask)
+
+    def head_condition(self, query_states: torch.Tensor, text_states: torch.Tensor | None) -> torch.Tensor:
+        """One image's flow-head condition (C, d): its query states, then the last `head_text_tokens` states
+        of the text before it (ending at its `<|image_start|>`)."""
+        if not self.head_text_tokens or text_states is None:
+            return query_states
+        return torch.cat([query_states, text_states[-self.head_text_tokens:].to(query_states.dtype)])
+
+    def text_before(self, batch: PackedBatch, row: int, span: ImageSpan) -> slice:
+        """Positions of the text an image's flow head reads in a packed row: from its sequence's start or the
+        previous image's `<|image_end|>`, whichever is later, through its `<|image_start|>`. A text-dropout
+        image reads its `<|image_start|>` alone, which sees nothing before it (as the pipeline's null branch)."""
+        if span.drop_text:
+            return slice(span.start, span.start + 1)
+        starts = (batch.position_ids[row, : span.start + 1] == 0).nonzero()
+        begin = int(starts[-1]) if len(starts) else 0
+        for other_row, other in batch.spans:
+            if other_row == row and begin <= other.end < span.start:
+                begin = other.end + 1
+        return slice(begin, span.start + 1)
 
     # -- training -------------------------------------------------------------------------------
     def forward(
@@ -246,14 +277,19 @@ class UnifiedModel(nn.Module):
             text_loss = hidden.sum() * 0.0
         generated = [(row, span) for row, span in batch.spans if span.num_queries]
         if generated:
-            cond = torch.stack([hidden[row, span.query_slice] for row, span in generated])
+            cond, cond_mask = pad_conditions([
+                self.head_condition(hidden[row, span.query_slice],
+                                    hidden[row, self.text_before(batch, row, span)] if self.head_text_tokens else None)
+                for row, span in generated
+            ])
             x0 = self.image_tokenizer.patchify(torch.stack([batch.latents[s.latent_index] for _, s in generated]))
             x0 = x0.to(cond.dtype).repeat(flow_repeats, 1, 1)
             cond = cond.repeat(flow_repeats, 1, 1)
+            cond_mask = None if cond_mask is None else cond_mask.repeat(flow_repeats, 1)
             t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, generator=generator))  # logit-normal
             noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
             x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
-            flow_loss = F.mse_loss(self.velocity(x_t, t, cond).float(), (noise - x0).float())
+            flow_loss = F.mse_loss(self.velocity(x_t, t, cond, cond_mask).float(), (noise - x0).float())
         else:
             flow_loss = hidden.sum() * 0.0
         return LossOutput(

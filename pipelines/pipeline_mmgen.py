@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from mmgen import drafting
 from mmgen.compression import CompressionSpec
 from mmgen.config import DEFAULT_MODEL_DIR
+from mmgen.flow_head import pad_conditions
 from mmgen.image_tokenizer import ImageTokenizer
 from mmgen.loading import check_pipeline_folder
 from mmgen.model import ImageModules, UnifiedModel
@@ -147,7 +148,8 @@ class _Row:
     text_passes: int = 0
     images: int = 0
     image_position: int = 0
-    query_states: torch.Tensor | None = None  # the condition of the image the row waits to draw
+    text_states: list[torch.Tensor] = field(default_factory=list)  # of the text since the row's last image
+    condition: torch.Tensor | None = None  # the flow-head condition of the image the row waits to draw
     latent: torch.Tensor | None = None
 
 
@@ -431,6 +433,8 @@ class MMGenPipeline(DiffusionPipeline):
         stats.tokens_per_context_image = model.image_modules.compressor.num_tokens(compression)
         hidden = cache.forward(chunks)
         stats.target_forwards += 1
+        for row, chunk in zip(rows, chunks):
+            self._keep_text_states(row, hidden[row.index][self._text_since_image(chunk):])
         if draft is not None:
             draft.start(len(rows), sampling)
             for row, chunk in zip(rows, chunks):
@@ -459,7 +463,11 @@ class MMGenPipeline(DiffusionPipeline):
             entering = [r for r in active if phases[r.index] == IMAGE]
             chosen = self._choose_tokens(speaking, [hidden[r.index] for r in speaking], drafts, max_images, sampling)
             for row, tokens in zip(speaking, chosen):
+                if phases[row.index] == FEEDBACK:
+                    row.text_states = []  # the image just appended ends the row's text before the next image
                 consumed = self._take_tokens(row, tokens)
+                if phases[row.index] == TEXT:
+                    self._keep_text_states(row, hidden[row.index][: 1 + consumed])
                 proposal = drafts.get(row.index)
                 if proposal is not None:
                     # Verification: drafted tokens past the accepted ones leave the context for good.
@@ -475,7 +483,10 @@ class MMGenPipeline(DiffusionPipeline):
                 for row in entering:
                     self._tell_drafter(draft, row.index, row.chunk, hidden[row.index])
             for row in entering:
-                row.query_states = hidden[row.index][-model.num_queries:]
+                states = hidden[row.index]  # <|image_start|>, then the queries
+                self._keep_text_states(row, states[:1])
+                row.condition = model.head_condition(states[-model.num_queries:], self._joined(row.text_states))
+                row.text_states = []
                 row.phase = DRAW
             # Drawing dominates the cost of a step, so rows that reach an image wait for the rest of the batch:
             # one batched flow-head call per step then serves them all. Waiting changes no row's output.
@@ -641,6 +652,22 @@ class MMGenPipeline(DiffusionPipeline):
         row.next_position += 1
         return chunk
 
+    def _keep_text_states(self, row: _Row, states: torch.Tensor) -> None:
+        """Remember the newest text states of a row, as many as its flow head reads."""
+        limit = self.unified.head_text_tokens
+        if limit and len(states):
+            row.text_states = [self._joined(row.text_states + [states])[-limit:]]
+
+    @staticmethod
+    def _joined(states: list[torch.Tensor]) -> torch.Tensor | None:
+        return torch.cat(states) if states else None
+
+    @staticmethod
+    def _text_since_image(chunk: Chunk) -> int:
+        """Index of a prefill chunk's first token after its last image (0: it holds none)."""
+        visions = [k for k, m in enumerate(chunk.modality) if m == VISION]
+        return visions[-1] + 2 if visions else 0  # past the image's `<|image_end|>`
+
     def _query_chunk(self, row: _Row) -> Chunk:
         row.image_position = row.next_position
         return self._start_and_queries(row.next_position)
@@ -673,12 +700,13 @@ class MMGenPipeline(DiffusionPipeline):
                      ids=[ids.image_pad] * m + [ids.image_end], modality=[VISION] * m + [TEXT_TOKEN])
 
     def branch_conds(self, image_positions: list[int], text_only_ids: list[list[int]] | None):
-        """Query states of the unconditional branch (the queries see only their `<|image_start|>`), and of
-        the text-only branch (each row's text with every image dropped), each forwarded once per image."""
+        """Flow-head conditions, one per row, of the unconditional branch (the queries see only their
+        `<|image_start|>`) and of the text-only branch (each row's text with every image dropped), each
+        forwarded once per image."""
         model = self.unified
         q = model.num_queries
         null_chunks = [self._start_and_queries(p) for p in image_positions]
-        null = torch.stack([h[-q:] for h in fresh_forward(model, null_chunks)])
+        null = [model.head_condition(h[-q:], h[:-q]) for h in fresh_forward(model, null_chunks)]
         if text_only_ids is None:
             return null, None
         text_chunks = []
@@ -690,7 +718,7 @@ class MMGenPipeline(DiffusionPipeline):
                 positions=torch.cat([torch.arange(len(ids), device=model.device), tail.positions]),
                 keep=torch.cat([torch.ones(len(ids), dtype=torch.bool, device=model.device), tail.keep]),
             ))
-        return null, torch.stack([h[-q:] for h in fresh_forward(model, text_chunks)])
+        return null, [model.head_condition(h[-q:], h[:-q]) for h in fresh_forward(model, text_chunks)]
 
     def initial_noise(self, generators: list[torch.Generator | None]) -> torch.Tensor:
         """Patch tokens of pure noise, one image per generator, in the flow head's dtype (drawn in float32, so
@@ -704,9 +732,9 @@ class MMGenPipeline(DiffusionPipeline):
                 callback_on_step_end: Callable | None = None, velocity_fn: Callable | None = None) -> torch.Tensor:
         """Integrate the flow from noise `x` (B, N, token_dim) to a clean latent with guided Euler steps.
 
-        `branches` holds the condition of each guidance branch, [full] or [full, null] or
-        [full, null, text-only]; `velocity_fn(x, t, branches) -> list of velocities` defaults to one
-        batched call of the flow head (the benchmark swaps in an in-backbone loop).
+        `branches` holds the conditions of each guidance branch, one (C, d) per image, as [full] or
+        [full, null] or [full, null, text-only]; `velocity_fn(x, t, branches) -> list of velocities`
+        defaults to one batched call of the flow head (the benchmark swaps in an in-backbone loop).
         """
         model = self.unified
         velocity_fn = velocity_fn or self._head_velocities
@@ -727,16 +755,17 @@ class MMGenPipeline(DiffusionPipeline):
                 bar.update()
         return x
 
-    def _head_velocities(self, x: torch.Tensor, t: torch.Tensor, branches: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _head_velocities(self, x: torch.Tensor, t: torch.Tensor, branches: list) -> list[torch.Tensor]:
         n = len(branches)
-        return list(self.unified.velocity(x.repeat(n, 1, 1), t.repeat(n), torch.cat(branches)).chunk(n))
+        cond, mask = pad_conditions([c for branch in branches for c in branch])
+        return list(self.unified.velocity(x.repeat(n, 1, 1), t.repeat(n), cond, mask).chunk(n))
 
     def _image_phase(self, rows: list[_Row], num_inference_steps: int, guidance: Guidance,
                      output_type: str, callback_on_step_end, generated_compression: str) -> Iterator[StreamEvent]:
         """Draw one image for each row in `rows` from its query states, then queue its feedback chunk."""
         started = time.perf_counter()
         tokenizer = self.unified.image_tokenizer
-        cond = torch.stack([r.query_states for r in rows])
+        cond = [r.condition for r in rows]
         use_image_cfg = guidance.image_scale != 1.0 and any(r.has_context_image for r in rows)
         branches = [cond]
         if guidance.text_scale != 1.0 or use_image_cfg:
@@ -751,7 +780,7 @@ class MMGenPipeline(DiffusionPipeline):
         self.last_stats.images += len(rows)
         self.last_stats.image_seconds += time.perf_counter() - started
         for row, latent, pil in zip(rows, latents, pixels):
-            row.latent, row.query_states = latent, None
+            row.latent, row.condition = latent, None
             row.images += 1
             row.phase = FEEDBACK
             row.chunk = self._feedback_chunk(row, generated_compression)

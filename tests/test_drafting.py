@@ -223,8 +223,11 @@ def test_drafting_respects_max_new_tokens_and_max_images(make_pipeline):
         assert len(out.images[0]) <= limits["max_images"]
 
 
-def test_batch_with_drafting_equals_batch_1_greedy(make_pipeline):
-    pipe = make_pipeline("qwen2", image_scale=6.0)
+@pytest.mark.parametrize("head_text_tokens", [0, 5])
+def test_batch_with_drafting_equals_batch_1_greedy(make_pipeline, head_text_tokens):
+    """A flow head that reads text states gets them from verification passes of several tokens here, and
+    must draw the same pictures."""
+    pipe = make_pipeline("qwen2", image_scale=6.0, head_text_tokens=head_text_tokens)
     pipe.drafter = random_head(pipe)
     picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
     prompts = [["draw a red circle."], [picture, " what colour is it?"], ["tell a story about a square."],

@@ -43,8 +43,11 @@ def test_save_and_load_round_trip_gives_identical_output(make_pipeline, tmp_path
     assert not list(tmp_path.rglob("*.bin")), "components are saved as safetensors"
 
 
-def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline):
-    pipe = make_pipeline("qwen2", image_scale=6.0)
+@pytest.mark.parametrize("head_text_tokens", [0, 5])
+def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline, head_text_tokens):
+    """With a head that reads text states, rows bring conditions of different lengths: padding must not
+    change any row's picture."""
+    pipe = make_pipeline("qwen2", image_scale=6.0, head_text_tokens=head_text_tokens)
     picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
     prompts = [["draw a red circle."], [picture, " what colour is it?"], ["tell a story about a square."]]
     kwargs = dict(max_new_tokens=12, num_inference_steps=2, max_images=2)
@@ -65,6 +68,52 @@ def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline):
         for a, b in zip(batched.images[k], single.images[0]):
             diff = (torch.tensor(list(a.getdata())) - torch.tensor(list(b.getdata()))).abs().max()
             assert diff <= 1, "the same noise and conditions give the same picture"
+
+
+def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline):
+    """For each guidance branch, the condition the pipeline gives the flow head (query states, then the
+    newest text states since the last context image) is the one teacher-forced training builds for the same
+    sequence: the full one, the text-dropout one, and the one with the context image dropped."""
+    from mmgen.data import drop_image_context
+    from mmgen.stream import pack_sequences
+
+    cap = 8
+    pipe = make_pipeline("llama", image_scale=50.0, head_text_tokens=cap)  # draws at once after the prompt
+    picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
+    prompt = pipe.encode_images([Text("a red circle and a green star."), Image(image=picture), Text(" now blue:")])
+    seen = []
+    denoise = pipe.denoise
+    pipe.denoise = lambda x, branches, *args, **kw: seen.append(branches) or denoise(x, branches, *args, **kw)
+    out = pipe([prompt], max_new_tokens=4, num_inference_steps=2, max_images=1, guidance_scale=3.0,
+               image_guidance_scale=2.0, output_type="latent")
+    del pipe.denoise
+    drawn = out.segments[0][0]
+    assert isinstance(drawn, Image), "the prompt should lead straight to a picture"
+    model, codec = pipe.unified, pipe.codec
+    q = model.num_queries
+
+    def trained_condition(prompt_part, drop_text=False):
+        segments = [*prompt_part, Image(latent=drawn.latent)]
+        count = model.image_modules.compressor.num_tokens("none")
+        enc = codec.encode(segments, [count] * sum(isinstance(s, Image) for s in segments),
+                           answer_start=len(prompt_part))
+        enc.spans[-1].drop_text = drop_text
+        packed = pack_sequences([enc], max_length=256, pad_id=codec.ids.pad)
+        with torch.no_grad():
+            hidden, _ = model.run_backbone(model.embed(packed.input_ids, packed.spans, packed.latents),
+                                           packed.position_ids, packed.attention_mask)
+        row, span = packed.spans[-1]
+        return model.head_condition(hidden[row, span.query_slice], hidden[row, model.text_before(packed, row, span)])
+
+    full, null, text_only = (branch[0] for branch in seen[0])
+    after_image = len(codec.text_ids(" now blue:")) + 1  # and <|image_start|>
+    assert after_image < cap and full.shape[0] == q + after_image, "the text since the context image"
+    assert text_only.shape[0] == q + cap, "with the image dropped, all text: the newest `cap` states"
+    assert null.shape[0] == q + 1, "the null branch reads its <|image_start|> alone"
+    torch.testing.assert_close(full, trained_condition(prompt), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(null, trained_condition(prompt, drop_text=True), atol=1e-5, rtol=1e-5)
+    without_images, _ = drop_image_context(prompt, [drawn])
+    torch.testing.assert_close(text_only, trained_condition(without_images), atol=1e-5, rtol=1e-5)
 
 
 def test_streaming_yields_segments_in_order(make_pipeline):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -206,6 +207,26 @@ def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae
     for name, tensor in exported.model.state_dict().items():
         if not name.startswith(RESAMPLER_PREFIX):
             assert (trainer.unwrapped.image_modules.state_dict()[name] == tensor).all(), name
+
+
+def test_a_stage_can_let_the_flow_head_read_text_states_of_a_model_trained_without(tmp_path, vae_dir):
+    """`head_text_tokens` adds no weights, so a stage starts from a queries-only export and trains the head
+    on the longer condition; the export keeps the setting, and the pipeline draws with it."""
+    (tmp_path / "a").mkdir()
+    first = write_config(tmp_path / "a", vae_dir, max_steps=2, export_dir=str(tmp_path / "plain"))
+    Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
+    (tmp_path / "b").mkdir()
+    second = write_config(tmp_path / "b", vae_dir, max_steps=4, init_from=str(tmp_path / "plain"),
+                          export_dir=str(tmp_path / "reading"), head_text_tokens=6)
+    rows = Trainer(*parse_config((ModelArguments, TrainArguments), second)).train()
+    assert rows and all(math.isfinite(r["flow_loss"]) for r in rows)
+    pipe = MMGenPipeline.from_pretrained(tmp_path / "reading")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.model.config.head_text_tokens == 6
+    out = pipe("draw a red circle.", max_new_tokens=6, num_inference_steps=2, max_images=1)
+    assert out.segments[0], "the pipeline runs with a text-reading head"
+    with pytest.raises(ValueError, match="head_text_tokens"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), write_config(tmp_path, vae_dir, head_text_tokens=-1)))
 
 
 def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_dir):
