@@ -23,7 +23,13 @@ import PIL.Image
 import torch
 from gradio.utils import get_upload_folder
 
-from mmgen.pipelines import GenerationStats, MMGenPipeline
+from mmgen.pipelines import (
+    GUIDANCE_SCALE,
+    IMAGE_GUIDANCE_SCALE,
+    NUM_INFERENCE_STEPS,
+    GenerationStats,
+    MMGenPipeline,
+)
 from mmgen.segments import Image, Segment, Text
 
 from .uploads import UploadRejected, open_image
@@ -41,9 +47,9 @@ class GenerationSettings:
     """The demo's controls, as the pipeline's arguments."""
 
     max_new_tokens: int = 128
-    num_inference_steps: int = 25
-    guidance_scale: float = 3.0
-    image_guidance_scale: float = 1.5
+    num_inference_steps: int = NUM_INFERENCE_STEPS
+    guidance_scale: float = GUIDANCE_SCALE
+    image_guidance_scale: float = IMAGE_GUIDANCE_SCALE
     seed: int = 0
     max_images: int = 4
     compression: str = "none"

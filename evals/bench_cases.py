@@ -16,17 +16,23 @@ import statistics
 import torch
 
 from mmgen.pipelines.decoding import BatchCache, Chunk
-from mmgen.pipelines.pipeline_mmgen import Guidance
+from mmgen.pipelines.pipeline_mmgen import (
+    CFG_INTERVAL,
+    GUIDANCE_SCALE,
+    IMAGE_GUIDANCE_SCALE,
+    NUM_INFERENCE_STEPS,
+    Guidance,
+)
 from mmgen.segments import Image, Segment, Text
 from mmgen.shapesworld import ShapesWorld
 
 from .bench import BenchOptions, CaseResult, bench_case, median_seconds
 
-STEPS = 25
-
 
 def _settings(options: BenchOptions) -> dict:
-    return dict(num_inference_steps=4 if options.quick else STEPS, guidance_scale=3.0, image_guidance_scale=1.5)
+    """The pipeline's default generation settings (fewer flow steps in a quick run)."""
+    return dict(num_inference_steps=4 if options.quick else NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
+                image_guidance_scale=IMAGE_GUIDANCE_SCALE, cfg_interval=CFG_INTERVAL)
 
 
 def _encode_prompt(pipe, segments: list[Segment]):
@@ -98,7 +104,7 @@ def story_case(pipe, options: BenchOptions) -> CaseResult:
     def reforward():
         model = pipe.unified
         history: list[Segment] = list(prompt)
-        guidance = Guidance(settings["guidance_scale"], settings["image_guidance_scale"])
+        guidance = Guidance(settings["guidance_scale"], settings["image_guidance_scale"], settings["cfg_interval"])
         for segment in produced:
             if isinstance(segment, Text):
                 ids = pipe.codec.text_ids(segment.text)
@@ -160,8 +166,8 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
     only when there are context images; its row is reported on its own.
     """
     settings = _settings(options)
-    text_guidance = Guidance(settings["guidance_scale"], 1.0)
-    full_guidance = Guidance(settings["guidance_scale"], settings["image_guidance_scale"])
+    text_guidance = Guidance(settings["guidance_scale"], 1.0, settings["cfg_interval"])
+    full_guidance = Guidance(settings["guidance_scale"], settings["image_guidance_scale"], settings["cfg_interval"])
     model = pipe.unified
     q = model.num_queries
     rows, seconds = [], {}

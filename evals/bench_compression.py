@@ -47,7 +47,6 @@ DECODE_TOKENS = 32
 # ShapesBench samples per category and task: questions are cheap, stories draw several pictures each.
 SHAPESBENCH_N = {"i2t": 40, "story": 8}  # 5 image→text categories, 2 story categories
 QUICK_SHAPESBENCH_N = {"color_qa": 1}  # a smoke test: one question per level, no stories
-STEPS = 25
 
 
 def compression_levels(pipe) -> list[tuple[str, int]]:
@@ -136,7 +135,7 @@ def compression_case(pipe, options: BenchOptions) -> CaseResult:
     quick = options.quick
     repeats = 1 if quick else options.repeats
     context = _context(pipe, 4 if quick else CONTEXT_IMAGES, options.seed)
-    generation = dict(num_inference_steps=2 if quick else STEPS, guidance_scale=3.0, image_guidance_scale=1.5)
+    generation = dict(num_inference_steps=2) if quick else {}  # else the pipeline's defaults
     decode_tokens = 4 if quick else DECODE_TOKENS
     rows: list[dict] = []
     for spec, factor in compression_levels(pipe):

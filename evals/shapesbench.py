@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mmgen.cli import add_guidance_options, guidance_options
 from mmgen.segments import Image, Segment, Text, as_segments
 from mmgen.shapesworld import TASKS, Sample, bench_samples, score
 from mmgen.shapesworld.tasks import MAX_STEPS
@@ -376,9 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=200, help="samples per category")
     parser.add_argument("--seed", type=int, default=0, help="seed of the benchmark set and of generation")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=None, help="flow steps per image (default: the pipeline's)")
-    parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--image-guidance-scale", type=float, default=None)
+    add_guidance_options(parser)
     parser.add_argument("--compression", default=None, help="compression of context images (default: none)")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -395,16 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     categories = None
     if args.categories:
         categories = [c.strip() for item in args.categories for c in item.split(",") if c.strip()]
-    generation = {
-        key: value
-        for key, value in (
-            ("num_inference_steps", args.steps),
-            ("guidance_scale", args.guidance_scale),
-            ("image_guidance_scale", args.image_guidance_scale),
-            ("compression", args.compression),
-        )
-        if value is not None
-    }
+    generation = guidance_options(args)
+    if args.compression is not None:
+        generation["compression"] = args.compression
     try:
         resolve_categories(categories)  # a typo fails before the model loads
         from mmgen.pipelines import MMGenPipeline

@@ -26,6 +26,23 @@ def _read_image(path: str):
     return open_image(path)
 
 
+def add_guidance_options(parser: argparse.ArgumentParser) -> None:
+    """Flow steps and guidance; left out, they are the pipeline's defaults."""
+    parser.add_argument("--steps", type=int, default=None, help="flow steps per image (default: the pipeline's)")
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--image-guidance-scale", type=float, default=None)
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="the range of t (1 = noise) where guidance applies")
+
+
+def guidance_options(args: argparse.Namespace) -> dict:
+    """The pipeline arguments of the options `add_guidance_options` added, those given only."""
+    given = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                 image_guidance_scale=args.image_guidance_scale,
+                 cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None)
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -42,9 +59,7 @@ def cmd_generate(args) -> int:
     out = pipe(
         prompt,
         max_new_tokens=args.max_new_tokens,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        image_guidance_scale=args.image_guidance_scale,
+        **guidance_options(args),
         max_images=args.max_images,
         compression=args.compression,
         drafter=args.drafter,
@@ -144,9 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="outputs")
     gen.add_argument("--model", default=None, help="a pipeline folder; default: the embedded model")
     gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance-scale", type=float, default=3.0)
-    gen.add_argument("--image-guidance-scale", type=float, default=1.5)
+    add_guidance_options(gen)
     gen.add_argument("--max-images", type=int, default=4)
     gen.add_argument("--compression", default="none")
     gen.add_argument("--drafter", default=None)

@@ -65,6 +65,13 @@ class StreamEvent:
     image: Image | None = None
 
 
+# Defaults of a generation call, which the command line, the demo and the benchmarks share.
+NUM_INFERENCE_STEPS = 25
+GUIDANCE_SCALE = 3.0
+IMAGE_GUIDANCE_SCALE = 1.5
+CFG_INTERVAL = (0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class Guidance:
     """Classifier-free guidance with separate text and image scales, applied only for t in `interval`.
@@ -319,10 +326,10 @@ class MMGenPipeline(DiffusionPipeline):
         self,
         prompt,
         max_new_tokens: int = 256,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
-        image_guidance_scale: float = 1.5,
-        cfg_interval: tuple[float, float] = (0.0, 1.0),
+        num_inference_steps: int = NUM_INFERENCE_STEPS,
+        guidance_scale: float = GUIDANCE_SCALE,
+        image_guidance_scale: float = IMAGE_GUIDANCE_SCALE,
+        cfg_interval: tuple[float, float] = CFG_INTERVAL,
         cfg_renorm: bool = False,
         max_images: int = 4,
         compression: str = "none",
@@ -379,10 +386,10 @@ class MMGenPipeline(DiffusionPipeline):
         self,
         prompt,
         max_new_tokens: int = 256,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 3.0,
-        image_guidance_scale: float = 1.5,
-        cfg_interval: tuple[float, float] = (0.0, 1.0),
+        num_inference_steps: int = NUM_INFERENCE_STEPS,
+        guidance_scale: float = GUIDANCE_SCALE,
+        image_guidance_scale: float = IMAGE_GUIDANCE_SCALE,
+        cfg_interval: tuple[float, float] = CFG_INTERVAL,
         cfg_renorm: bool = False,
         max_images: int = 4,
         compression: str = "none",

@@ -106,3 +106,12 @@ def test_the_real_executable(argument, case, model_dir, tmp_path):
 def test_generate_loads_the_model_in_the_dtype_asked_for(dtype, expected, model_dir, tmp_path, capsys):
     code, stderr = run_main([*generate_argv(Case("plain"), model_dir, tmp_path), "--dtype", dtype], capsys)
     check_outcome(expected, code, stderr, tmp_path / "out")
+
+
+@pytest.mark.parametrize("interval, expected", [
+    (["0", "0.5"], None),
+    (["0.8", "0.2"], r"cfg_interval must be \(low, high\) with 0 <= low <= high <= 1, got \(0\.8, 0\.2\)"),
+])
+def test_generate_takes_the_guidance_interval(interval, expected, model_dir, tmp_path, capsys):
+    code, stderr = run_main([*generate_argv(Case("plain"), model_dir, tmp_path), "--cfg-interval", *interval], capsys)
+    check_outcome(expected, code, stderr, tmp_path / "out")
