@@ -155,7 +155,7 @@ class _Row:
     text_passes: int = 0
     images: int = 0
     image_position: int = 0
-    text_states: list[torch.Tensor] = field(default_factory=list)  # of the text since the row's last image
+    text_states: torch.Tensor | None = None  # the newest states of the text since the row's last image
     condition: torch.Tensor | None = None  # the flow-head condition of the image the row waits to draw
     latent: torch.Tensor | None = None
 
@@ -471,7 +471,7 @@ class MMGenPipeline(DiffusionPipeline):
             chosen = self._choose_tokens(speaking, [hidden[r.index] for r in speaking], drafts, max_images, sampling)
             for row, tokens in zip(speaking, chosen):
                 if phases[row.index] == FEEDBACK:
-                    row.text_states = []  # the image just appended ends the row's text before the next image
+                    row.text_states = None  # the image just appended ends the row's text before the next image
                 consumed = self._take_tokens(row, tokens)
                 if phases[row.index] == TEXT:
                     self._keep_text_states(row, hidden[row.index][: 1 + consumed])
@@ -492,8 +492,8 @@ class MMGenPipeline(DiffusionPipeline):
             for row in entering:
                 states = hidden[row.index]  # <|image_start|>, then the queries
                 self._keep_text_states(row, states[:1])
-                row.condition = model.head_condition(states[-model.num_queries:], self._joined(row.text_states))
-                row.text_states = []
+                row.condition = model.head_condition(states[-model.num_queries:], row.text_states)
+                row.text_states = None
                 row.phase = DRAW
             # Drawing dominates the cost of a step, so rows that reach an image wait for the rest of the batch:
             # one batched flow-head call per step then serves them all. Waiting changes no row's output.
@@ -663,11 +663,8 @@ class MMGenPipeline(DiffusionPipeline):
         """Remember the newest text states of a row, as many as its flow head reads."""
         limit = self.unified.head_text_tokens
         if limit and len(states):
-            row.text_states = [self._joined(row.text_states + [states])[-limit:]]
-
-    @staticmethod
-    def _joined(states: list[torch.Tensor]) -> torch.Tensor | None:
-        return torch.cat(states) if states else None
+            kept = states if row.text_states is None else torch.cat([row.text_states, states])
+            row.text_states = kept[-limit:]
 
     @staticmethod
     def _text_since_image(chunk: Chunk) -> int:
