@@ -18,6 +18,7 @@ one per step for stories). With `out_dir` the run is resumable like every other 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -277,6 +278,22 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(settings, indent=2))
 
 
+def effective_generation(pipe, generation_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The generation settings a run uses: the pipeline's defaults for its call arguments, overridden by the
+    ones given. Recording these rather than the given ones alone keeps a folder from resuming silently
+    under a default that has changed since it was started."""
+    try:
+        parameters = inspect.signature(pipe).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: only what was given is known
+        parameters = []
+    defaults = {
+        p.name: p.default for p in parameters
+        if p.default is not inspect.Parameter.empty and p.name not in _RESERVED
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {**defaults, **generation_kwargs}
+
+
 def run_shapesbench(
     pipe: Any,
     n: int = 200,
@@ -321,7 +338,8 @@ def run_shapesbench(
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         dtype = str(getattr(pipe, "dtype", torch.float32)).removeprefix("torch.")
-        _check_settings(folder, {"seed": seed, "image_size": size, "generation": generation_kwargs, "dtype": dtype})
+        _check_settings(folder, {"seed": seed, "image_size": size, "dtype": dtype,
+                                 "generation": effective_generation(pipe, generation_kwargs)})
         log = ResultsLog(folder / RESULTS_FILE)
     todo = [item for item in selected if log is None or item[0] not in log]
     if len(todo) < len(selected):

@@ -129,6 +129,30 @@ def test_a_folder_refuses_a_rerun_with_other_settings(tmp_path):
         run_shapesbench(Oracle(2, 1), n=1, seed=2, categories=["colors"], out_dir=tmp_path, progress=False)
 
 
+def oracle_with_default_steps(steps: int) -> Oracle:
+    """An oracle whose call has a `num_inference_steps` default, as the pipeline's has."""
+
+    class WithDefault(Oracle):
+        def __call__(self, prompts, max_new_tokens, max_images, generator, output_type, num_inference_steps=steps,
+                     **kwargs):
+            return super().__call__(prompts, max_new_tokens, max_images, generator, output_type, **kwargs)
+
+    return WithDefault(1, 1)
+
+
+def test_a_folder_records_the_pipeline_defaults_it_ran_with(tmp_path):
+    run_shapesbench(oracle_with_default_steps(25), n=1, seed=1, categories=["colors"], out_dir=tmp_path,
+                    progress=False)
+    assert json.loads((tmp_path / "settings.json").read_text())["generation"]["num_inference_steps"] == 25
+    # Giving the default explicitly is the same run ...
+    run_shapesbench(oracle_with_default_steps(25), n=1, seed=1, categories=["colors"], out_dir=tmp_path,
+                    progress=False, num_inference_steps=25)
+    # ... but a pipeline whose default has changed does not resume it silently.
+    with pytest.raises(ValueError, match="other settings"):
+        run_shapesbench(oracle_with_default_steps(30), n=1, seed=1, categories=["colors"], out_dir=tmp_path,
+                        progress=False)
+
+
 def test_categories_accept_task_names_and_refuse_unknown_ones():
     assert resolve_categories(["story", "colors"]) == ["colors", "given", "free"]
     with pytest.raises(ValueError, match="unknown ShapesBench category 'colour'"):
