@@ -43,8 +43,8 @@ def decoder_layers(backbone) -> torch.nn.ModuleList:
     return layers
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the half-split convention of these backbones: x·cos + rotate_half(x)·sin."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split convention of Llama-style models: x·cos + rotate_half(x)·sin."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
@@ -110,8 +110,8 @@ def received_attention(
     k = rearrange(attn.k_proj(hidden), "b l (h d) -> b l h d", d=head_dim)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q = _rotate(q, cos[:, m:, None], sin[:, m:, None])
-    k = _rotate(k, cos[:, :, None], sin[:, :, None])
+    q = apply_rotary(q, cos[:, m:, None], sin[:, m:, None])
+    k = apply_rotary(k, cos[:, :, None], sin[:, :, None])
     k = repeat(k, "b l h d -> b l (h g) d", g=q.shape[2] // k.shape[2])  # grouped-query attention
     scale = getattr(attn, "scaling", head_dim**-0.5)
     logits = einsum(q.float(), k.float(), "b t h d, b l h d -> b h t l") * scale

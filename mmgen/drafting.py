@@ -32,6 +32,7 @@ from einops import rearrange
 from torch import nn
 from transformers import DynamicCache
 
+from .attention_scores import apply_rotary
 from .pipelines.decoding import sampling_probs
 from .stream import TEXT, VISION
 
@@ -426,14 +427,13 @@ class DraftLMDrafter(Drafter):
 
 
 # -- vision-aware draft head -------------------------------------------------------------------------
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding of x (..., T, Dh) at positions (..., T) (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (..., T, head_dim) of the rotary embedding at positions (..., T), for `apply_rotary`."""
+    half = head_dim // 2
+    inv_freq = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.float()[..., None] * inv_freq
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
 
 
 @dataclass
@@ -612,7 +612,8 @@ class VisionDraftHead(ModelMixin, ConfigMixin):
         (None: all of them)."""
         h = self.attn_norm(x)
         q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.num_heads)
-        q, k = rotate(q, positions[:, None], self.config.rope_theta), rotate(k, positions[:, None], self.config.rope_theta)
+        cos, sin = (t.to(q.dtype) for t in rotary_tables(positions[:, None], q.shape[-1], self.config.rope_theta))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # one table for both
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask[:, None])
         x = x + self.out(rearrange(attended, "b h t e -> b t (h e)"))
