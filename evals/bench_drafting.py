@@ -1,9 +1,11 @@
 """Benchmark case "drafting": speculative text decoding against plain decoding (DESIGN.md §6, §9).
 
 - Image-grounded prompts, in equal parts ShapesWorld captions, attribute/count/position QA, and story steps
-  with the earlier pictures in the context, one at a time: text tokens/s (image time excluded), τ (also
+  with the earlier pictures in the context, one at a time: text tokens/s (image time excluded; also over
+  decoding alone, the prompt's reading and its first token left out), τ (also
   per kind) and acceptance per drafter, and the lossless check (greedy output of every drafter
-  token-identical to plain decoding).
+  token-identical to plain decoding). A "ceiling" row replays plain decoding's own output as the draft:
+  its τ and speed bound what any drafter of the vision head's draft length can reach on these prompts.
 - Text-only prompts on the bare backbone: our drafters against transformers' own `generate()` plain,
   with `prompt_lookup_num_tokens` and with `assistant_model` (the same draft LM our `draft-lm` uses).
 - Batch 4 with drafting against batch 4 without: identical outputs and the throughput ratio.
@@ -24,6 +26,7 @@ import torch
 from mmgen.drafting import (
     DRAFT_LM_DIR,
     NO_ADAPTOR_DIR,
+    Draft,
     Drafter,
     DraftLMDrafter,
     NgramDrafter,
@@ -70,6 +73,54 @@ def text_prompts(count: int, seed: int) -> list[list[Segment]]:
     return [[s for s in world.sample(task="story").prompt if isinstance(s, Text)] for _ in range(count)]
 
 
+class CeilingDrafter(Drafter):
+    """Drafts exactly what plain greedy decoding writes next, up to `max_draft` tokens: the τ and speed that
+    no drafter of that draft length can beat on the same prompts, with drafting itself free.
+
+    While `recording`, it drafts nothing and keeps each call's stream as the target's cache receives it;
+    after `replay()`, call k replays the stream of prompt k (modulo their number), so prompts must come one
+    at a time and in the same order.
+    """
+
+    name = "ceiling"
+
+    def __init__(self, max_draft: int):
+        self.max_draft = max_draft
+        self.streams: list[list[int]] = []
+        self.recording, self.calls = True, 0
+
+    def replay(self) -> None:
+        self.recording, self.calls = False, 0
+
+    def start(self, batch_size: int, sampling) -> None:
+        if batch_size != 1:
+            raise ValueError("the ceiling drafter replays prompts one at a time")
+        super().start(batch_size, sampling)
+        self.seen: list[int] = []
+        if not self.recording:
+            self.stream = self.streams[self.calls % len(self.streams)]
+            self.calls += 1
+
+    def extend(self, row: int, update) -> None:
+        self.seen += update.ids
+
+    def propose(self, requests):
+        if self.recording:
+            return [Draft() for _ in requests]
+        (request,) = requests
+        start = len(self.seen) + 1  # the pending token takes the next place in the stream
+        tokens = []
+        for token in self.stream[start : start + min(self.max_draft, request.max_tokens)]:
+            if token in self.sampling.stops:
+                break
+            tokens.append(token)
+        return [Draft(tokens)]
+
+    def finish(self) -> None:
+        if self.recording:
+            self.streams.append(self.seen)
+
+
 def _fresh(prompt: list[Segment]) -> list[Segment]:
     """A copy whose images keep their pixels and latents (the pipeline fills latents in place)."""
     return [Image(image=s.image, latent=s.latent) if isinstance(s, Image) else s for s in prompt]
@@ -98,7 +149,9 @@ def _identical(a: tuple, b: tuple) -> bool:
 def _run(pipe, prompts, drafter, batch: int, settings: dict, kinds: list[str] | None = None) -> tuple[list[tuple], dict]:
     """Generate for every prompt (in batches), returning output signatures and summed statistics; with
     `kinds` (one per prompt, batch 1 only), also text tokens and passes per kind."""
-    outputs, totals = [], dict(tokens=0, passes=0, drafted=0, accepted=0, seconds=0.0, by_kind={})
+    outputs = []
+    totals = dict(tokens=0, passes=0, drafted=0, accepted=0, seconds=0.0, first_tokens=0, prefill_seconds=0.0,
+                  by_kind={})
     for start in range(0, len(prompts), batch):
         group = [_fresh(p) for p in prompts[start : start + batch]]
         result = pipe(group, drafter=drafter, output_type="latent",
@@ -110,6 +163,8 @@ def _run(pipe, prompts, drafter, batch: int, settings: dict, kinds: list[str] | 
         totals["drafted"] += stats.drafted_tokens
         totals["accepted"] += stats.accepted_tokens
         totals["seconds"] += stats.seconds - stats.image_seconds
+        totals["first_tokens"] += stats.first_tokens
+        totals["prefill_seconds"] += stats.prefill_seconds
         if kinds is not None and batch == 1:
             kind = totals["by_kind"].setdefault(kinds[start], [0, 0])
             kind[0] += stats.text_tokens
@@ -119,13 +174,17 @@ def _run(pipe, prompts, drafter, batch: int, settings: dict, kinds: list[str] | 
 
 def _measure(pipe, prompts, drafter, batch: int, settings: dict, repeats: int,
              kinds: list[str] | None = None) -> tuple[list[tuple], dict]:
-    """Outputs of the first run, and text tokens/s as the median over `repeats` runs after it."""
+    """Outputs of the first run, and text tokens/s as the median over `repeats` runs after it: over all the
+    text time, and over decoding alone (after the prompts were read, which drafting cannot speed up)."""
     outputs, first = _run(pipe, prompts, drafter, batch, settings, kinds)
-    speeds = []
+    speeds, decode_speeds = [], []
     for _ in range(repeats):
         _, totals = _run(pipe, prompts, drafter, batch, settings)
         speeds.append(totals["tokens"] / max(totals["seconds"], 1e-9))
+        decode_seconds = totals["seconds"] - totals["prefill_seconds"]
+        decode_speeds.append((totals["tokens"] - totals["first_tokens"]) / max(decode_seconds, 1e-9))
     first["tokens_per_s"] = statistics.median(speeds)
+    first["decode_tokens_per_s"] = statistics.median(decode_speeds)
     first["tau"] = first["tokens"] / max(first["passes"], 1)
     first["acceptance"] = first["accepted"] / max(first["drafted"], 1)
     return outputs, first
@@ -208,10 +267,19 @@ def drafting_case(pipe, options: BenchOptions) -> CaseResult:
         same = sum(_identical(a, b) for a, b in zip(outputs, plain_out)) / len(grounded)
         results[name] = result
         rows.append(_row("grounded", name, result, plain, same))
+    # The ceiling at the vision head's draft length: what a perfect drafter that costs nothing would reach.
+    max_draft = drafters["vision-head"].max_draft if "vision-head" in drafters else 8
+    ceiling = CeilingDrafter(max_draft)
+    _run(pipe, grounded, ceiling, 1, settings)
+    ceiling.replay()
+    outputs, result = _measure(pipe, grounded, ceiling, 1, settings, repeats, kinds)
+    same = sum(_identical(a, b) for a, b in zip(outputs, plain_out)) / len(grounded)
+    rows.append(_row("grounded", f"ceiling (plain output replayed, {max_draft} ahead)", result, plain, same))
     if "vision-head" in results:
         head = results["vision-head"]
         ratios["vision_head_tau"] = head["tau"]
         ratios["vision_head_speedup"] = head["tokens_per_s"] / plain["tokens_per_s"]
+        ratios["vision_head_decode_speedup"] = head["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
         if "vision-head-no-adaptor" in results:
             ratios["vision_head_tau_vs_no_adaptor"] = head["tau"] / results["vision-head-no-adaptor"]["tau"]
 
@@ -266,6 +334,7 @@ def _row(workload: str, name: str, result: dict, plain: dict, identical: float) 
         "drafter": name,
         "tokens_per_s": result["tokens_per_s"],
         "speedup": result["tokens_per_s"] / plain["tokens_per_s"],
+        "decode_speedup": result["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
         "tau": result["tau"],
         **{f"tau_{kind}": tokens / max(passes, 1) for kind, (tokens, passes) in result["by_kind"].items()},
         "acceptance": result["acceptance"] if result["drafted"] else "",

@@ -211,6 +211,17 @@ def test_plain_decoding_has_tau_one(make_pipeline):
     assert stats.drafted_tokens == 0
 
 
+def test_stats_tell_reading_the_prompts_apart_from_decoding(make_pipeline):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    out = pipe(["a red circle.", "two blue squares."], generator=seeded(2), **{**GREEDY, "max_images": 0})
+    stats = pipe.last_stats
+    # With images banned, reading a prompt gives its row's first text token unless the row ends at once.
+    assert stats.first_tokens == sum(bool(text) for text in out.text) > 0
+    assert 0 < stats.prefill_seconds < stats.seconds
+    decoded = stats.text_tokens - stats.first_tokens
+    assert stats.decode_tokens_per_second == pytest.approx(decoded / (stats.seconds - stats.prefill_seconds))
+
+
 def test_drafting_respects_max_new_tokens_and_max_images(make_pipeline):
     pipe = make_pipeline("gemma", image_scale=6.0)
     for limits in (dict(max_new_tokens=7, max_images=2), dict(max_new_tokens=20, max_images=0)):
@@ -424,13 +435,17 @@ def test_drafting_bench_case_runs_quick_and_reports_its_ratios(make_pipeline, tm
 
     pipe = make_pipeline("llama", image_scale=6.0)
     (result,) = run_bench(["drafting"], pipe, BenchOptions(repeats=1, quick=True, out_dir=tmp_path))
-    assert set(result.ratios) == {"vision_head_tau", "vision_head_speedup", "vision_head_tau_vs_no_adaptor",
+    assert set(result.ratios) == {"vision_head_tau", "vision_head_speedup", "vision_head_decode_speedup",
+                                  "vision_head_tau_vs_no_adaptor",
                                   "best_vs_hf_assisted", "best_vs_hf_prompt_lookup", "batch4_drafting_vs_plain"}
     grounded = [row for row in result.rows if row["workload"] != "text-only"]
     assert all(row["identical_to_plain"] == 1.0 for row in grounded), "drafting must not change greedy output"
     assert next(r for r in result.rows if r["drafter"] == "hf plain")["matches_ours"] == 1.0
     plain = next(r for r in grounded if r["drafter"] == "plain")
     assert all(plain[f"tau_{kind}"] == 1.0 for kind in ("caption", "qa", "story")), plain
+    ceiling = next(r for r in grounded if r["drafter"].startswith("ceiling"))
+    assert ceiling["acceptance"] == 1.0, "replaying plain decoding's output, every drafted token is accepted"
+    assert ceiling["tau"] >= max(r["tau"] for r in grounded if r["workload"] == "grounded"), result.rows
 
 
 def test_grounded_bench_prompts_are_captions_questions_and_story_steps_in_equal_parts():
