@@ -58,6 +58,11 @@ class ModelArguments:
         metadata={"help": "How many states of the text before an image the flow head reads beside the queries "
                           "(0: the queries alone)."},
     )
+    image_in_convs: int = field(
+        default=0,
+        metadata={"help": "3x3 convolution layers over the patch grid beside image_in, so context images "
+                          "enter the backbone with features of each patch's neighbourhood (0: none)."},
+    )
 
 
 @dataclass

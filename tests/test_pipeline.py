@@ -213,3 +213,23 @@ def test_a_pipeline_loads_in_bfloat16_by_name_and_runs_the_whole_loop(make_pipel
     assert torch.equal(noise, full.initial_noise([torch.Generator().manual_seed(3)]).to(torch.bfloat16))
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, got 'half'"):
         MMGenPipeline.from_pretrained(tmp_path, dtype="half")
+
+
+def test_patch_convolutions_let_an_image_token_see_its_neighbours():
+    """Without them each context-image token embeds its own patch alone; with them (once trained off zero)
+    a change to one patch reaches the tokens around it, and only those."""
+    from mmgen.model import ImageModules
+
+    torch.manual_seed(0)
+    modules = ImageModules(backbone_hidden_size=32, token_dim=16, grid_size=4, image_size=16, patch_size=2,
+                           num_queries=4, head_hidden_size=32, head_layers=2, head_heads=2, image_in_convs=1)
+    tokens = torch.randn(1, 16, 16)
+    nudged = tokens.clone()
+    nudged[0, 5] += 1.0  # row 1, column 1 of the 4x4 grid
+    with torch.no_grad():
+        same = modules.embed_image_tokens(nudged) - modules.embed_image_tokens(tokens)
+        assert same.abs().amax(-1)[0].nonzero().flatten().tolist() == [5], "at zero they change nothing"
+        torch.nn.init.normal_(modules.patch_convs.out.weight)
+        changed = (modules.embed_image_tokens(nudged) - modules.embed_image_tokens(tokens)).abs().amax(-1)[0] > 0
+    neighbours = [r * 4 + c for r in range(3) for c in range(3)]  # the 3x3 block around (1, 1)
+    assert changed.nonzero().flatten().tolist() == neighbours

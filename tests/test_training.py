@@ -14,6 +14,7 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+import torch
 import yaml
 
 from mmgen.config import ModelArguments, TrainArguments, parse_config
@@ -227,6 +228,39 @@ def test_a_stage_can_let_the_flow_head_read_text_states_of_a_model_trained_witho
     assert out.segments[0], "the pipeline runs with a text-reading head"
     with pytest.raises(ValueError, match="head_text_tokens"):
         Trainer(*parse_config((ModelArguments, TrainArguments), write_config(tmp_path, vae_dir, head_text_tokens=-1)))
+
+
+def test_a_stage_can_add_patch_convolutions_to_a_model_trained_without(tmp_path, vae_dir):
+    """`image_in_convs` adds weights that start at zero: a stage from an export without them embeds images
+    exactly as the export did, then trains them, and the export draws with them."""
+    (tmp_path / "a").mkdir()
+    first = write_config(tmp_path / "a", vae_dir, max_steps=2, export_dir=str(tmp_path / "plain"))
+    Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
+    (tmp_path / "b").mkdir()
+    second = write_config(tmp_path / "b", vae_dir, max_steps=6, init_from=str(tmp_path / "plain"),
+                          export_dir=str(tmp_path / "convs"), image_in_convs=2)
+    trainer = Trainer(*parse_config((ModelArguments, TrainArguments), second))
+    trainer.resume()
+    plain = MMGenPipeline.from_pretrained(tmp_path / "plain").unified
+    tok = plain.image_tokenizer
+    latents = torch.randn(2, tok.latent_channels, tok.latent_size, tok.latent_size)
+    with torch.no_grad():
+        assert torch.equal(trainer.unwrapped.image_embeddings(latents), plain.image_embeddings(latents))
+    rows = trainer.train()
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    pipe = MMGenPipeline.from_pretrained(tmp_path / "convs")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.model.config.image_in_convs == 2
+    assert pipe.model.patch_convs.out.weight.abs().sum() > 0, "training moved the convolutions off zero"
+    out = pipe("draw a red circle.", max_new_tokens=6, num_inference_steps=2, max_images=1)
+    assert out.segments[0], "the pipeline runs with patch convolutions"
+    with pytest.raises(ValueError, match="image_in_convs"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), write_config(tmp_path, vae_dir, image_in_convs=-1)))
+    # The other way round, weights the configuration has no place for are refused by name.
+    (tmp_path / "c").mkdir()
+    back = write_config(tmp_path / "c", vae_dir, max_steps=8, init_from=str(tmp_path / "convs"))
+    with pytest.raises(ValueError, match="patch_convs"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), back)).resume()
 
 
 def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_dir):
