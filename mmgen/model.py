@@ -31,8 +31,9 @@ class PatchConvs(nn.Module):
 
     A shape spans several patches, and a small backbone does not learn to put them together: on the stage-5
     default model a linear probe decodes a lone object's shape from its image states at 0.60 at best (its
-    colour at 1.00), where a three-layer conv net reads it off the same latents at 0.99. The output projection starts
-    at zero, so a model trained without them draws and reads exactly as before until training moves it.
+    colour at 1.00), where a three-layer conv net reads it off the same latents at 0.99. The output
+    projection starts at zero, so a model trained without them draws and reads exactly as before until
+    training moves it.
     """
 
     def __init__(self, token_dim: int, width: int, out_dim: int, layers: int):
@@ -61,9 +62,9 @@ class ImageModules(ModelMixin, ConfigMixin):
     before an image (since the previous image, ending at its `<|image_start|>`) the flow head reads beside
     the query states: the words themselves, where the queries carry only what 16 tokens summarise of them.
     0 conditions the head on the queries alone. `image_in_convs` adds that many `PatchConvs` layers beside
-    `image_in` (0: none). `embed_scale` is the RMS of the backbone's token
-    embeddings: context-image tokens and queries start at that scale, so that the backbone's first norm
-    neither drowns the text beside them nor shrinks the gradient that reaches `image_in`.
+    `image_in` (0: none). `embed_scale` is the RMS of the backbone's token embeddings: context-image tokens
+    and queries start at that scale, so that the backbone's first norm neither drowns the text beside them
+    nor shrinks the gradient that reaches `image_in`.
     """
 
     @register_to_config
