@@ -187,9 +187,7 @@ def test_yaml_words_no_and_off_keep_their_meaning_in_a_config(tmp_path):
 
 
 def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae_dir, caplog):
-    (tmp_path / "a").mkdir()
-    first = write_config(tmp_path / "a", vae_dir, max_steps=3, export_dir=str(tmp_path / "model"))
-    Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
+    export_first_stage(tmp_path, vae_dir, "model", max_steps=3)
     # The exported model gained a learned resampler afterwards, as the default model has.
     exported = MMGenPipeline.from_pretrained(tmp_path / "model")
     with_resampler(exported, [4], num_layers=1, num_heads=2)
@@ -210,12 +208,18 @@ def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae
             assert (trainer.unwrapped.image_modules.state_dict()[name] == tensor).all(), name
 
 
+def export_first_stage(tmp_path: Path, vae_dir, name: str, max_steps: int = 2) -> Path:
+    """Train a first stage for a few steps in tmp_path/a and export it to tmp_path/name."""
+    (tmp_path / "a").mkdir()
+    config = write_config(tmp_path / "a", vae_dir, max_steps=max_steps, export_dir=str(tmp_path / name))
+    Trainer(*parse_config((ModelArguments, TrainArguments), config)).train()
+    return tmp_path / name
+
+
 def test_a_stage_can_let_the_flow_head_read_text_states_of_a_model_trained_without(tmp_path, vae_dir):
     """`head_text_tokens` adds no weights, so a stage starts from a queries-only export and trains the head
     on the longer condition; the export keeps the setting, and the pipeline draws with it."""
-    (tmp_path / "a").mkdir()
-    first = write_config(tmp_path / "a", vae_dir, max_steps=2, export_dir=str(tmp_path / "plain"))
-    Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
+    export_first_stage(tmp_path, vae_dir, "plain")
     (tmp_path / "b").mkdir()
     second = write_config(tmp_path / "b", vae_dir, max_steps=4, init_from=str(tmp_path / "plain"),
                           export_dir=str(tmp_path / "reading"), head_text_tokens=6)
@@ -233,9 +237,7 @@ def test_a_stage_can_let_the_flow_head_read_text_states_of_a_model_trained_witho
 def test_a_stage_can_add_patch_convolutions_to_a_model_trained_without(tmp_path, vae_dir):
     """`image_in_convs` adds weights that start at zero: a stage from an export without them embeds images
     exactly as the export did, then trains them, and the export draws with them."""
-    (tmp_path / "a").mkdir()
-    first = write_config(tmp_path / "a", vae_dir, max_steps=2, export_dir=str(tmp_path / "plain"))
-    Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
+    export_first_stage(tmp_path, vae_dir, "plain")
     (tmp_path / "b").mkdir()
     second = write_config(tmp_path / "b", vae_dir, max_steps=6, init_from=str(tmp_path / "plain"),
                           export_dir=str(tmp_path / "convs"), image_in_convs=2)
@@ -264,9 +266,7 @@ def test_a_stage_can_add_patch_convolutions_to_a_model_trained_without(tmp_path,
 
 
 def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_dir):
-    (tmp_path / "a").mkdir()
-    first = write_config(tmp_path / "a", vae_dir, max_steps=3, export_dir=str(tmp_path / "model"))
-    Trainer(*parse_config((ModelArguments, TrainArguments), first)).train()
+    export_first_stage(tmp_path, vae_dir, "model", max_steps=3)
     (tmp_path / "b").mkdir()
     (tmp_path / "model" / "drafter").mkdir()  # distilled from the first stage's weights
     (tmp_path / "model" / "resampler_recipe.json").write_text("{}")
