@@ -261,20 +261,20 @@ def drafting_case(pipe, options: BenchOptions) -> CaseResult:
     # 1. Image-grounded prompts, one at a time, fp32 greedy: speed, τ, acceptance, losslessness.
     plain_out, plain = _measure(pipe, grounded, None, 1, settings, repeats, kinds)
     rows.append(_row("grounded", "plain", plain, plain, 1.0))
-    results = {}
-    for name, drafter in drafters.items():
+
+    def grounded_row(name: str, drafter: Drafter) -> dict:
         outputs, result = _measure(pipe, grounded, drafter, 1, settings, repeats, kinds)
         same = sum(_identical(a, b) for a, b in zip(outputs, plain_out)) / len(grounded)
-        results[name] = result
         rows.append(_row("grounded", name, result, plain, same))
+        return result
+
+    results = {name: grounded_row(name, drafter) for name, drafter in drafters.items()}
     # The ceiling at the vision head's draft length: what a perfect drafter that costs nothing would reach.
     max_draft = drafters["vision-head"].max_draft if "vision-head" in drafters else 8
     ceiling = CeilingDrafter(max_draft)
     _run(pipe, grounded, ceiling, 1, settings)
     ceiling.replay()
-    outputs, result = _measure(pipe, grounded, ceiling, 1, settings, repeats, kinds)
-    same = sum(_identical(a, b) for a, b in zip(outputs, plain_out)) / len(grounded)
-    rows.append(_row("grounded", f"ceiling (plain output replayed, {max_draft} ahead)", result, plain, same))
+    grounded_row(f"ceiling (plain output replayed, {max_draft} ahead)", ceiling)
     if "vision-head" in results:
         head = results["vision-head"]
         ratios["vision_head_tau"] = head["tau"]
