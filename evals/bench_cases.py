@@ -4,7 +4,8 @@ Baselines run in the same process on the same model:
 - the re-forward loop (Show-o2 style) keeps no cache: every text token and every flow step re-runs the
   backbone over the whole history, the noisy image's tokens included;
 - the in-backbone loop (BAGEL/Transfusion style) caches the context but runs the backbone over the
-  noisy image tokens and the queries at every flow step, in every guidance branch.
+  noisy image tokens at every flow step, in every guidance branch, and reads the velocity off their last
+  states through one linear layer, as BAGEL's `llm2vae` and Transfusion's linear output do.
 Both replay exactly the segments our pipeline produced, so each side does the same amount of work.
 """
 
@@ -46,36 +47,38 @@ def _encode_prompt(pipe, segments: list[Segment]):
     return embeds, encoded.position_ids, encoded
 
 
-def _queries_chunk(pipe, position: int, noisy: torch.Tensor | None = None) -> Chunk:
-    """<|image_start|> (+ the noisy image's tokens, for in-backbone loops) + the queries at one position."""
+def _queries_chunk(pipe, position: int, noisy: torch.Tensor | None = None, queries: bool = True) -> Chunk:
+    """<|image_start|> (+ the noisy image's tokens, for loops that run the backbone at every flow step)
+    (+ the queries) at one position."""
     model = pipe.unified
     start = model.text_embeddings(torch.tensor([pipe.codec.ids.image_start]))
     parts = [start]
     if noisy is not None:
         parts.append(model.image_modules.embed_image_tokens(noisy[None])[0])
-    parts.append(model.query_embeddings(1)[0])
+    if queries:
+        parts.append(model.query_embeddings(1)[0])
     embeds = torch.cat(parts)
     positions = torch.tensor([position] + [position + 1] * (len(embeds) - 1))
     return Chunk(embeds=embeds, positions=positions, keep=torch.zeros(len(embeds), dtype=torch.bool))
 
 
 def _velocity_in_backbone(pipe, contexts: list[Chunk | None], positions: list[int]):
-    """A velocity function whose conditions come from running the backbone over the noisy image at every
-    step: branch k attends to context k (None: the empty unconditional context)."""
+    """A velocity function that runs the backbone over the noisy image at every step, branch k attending to
+    context k (None: the empty unconditional context), and reads each image token's velocity off its last
+    state through one linear layer. The layer is untrained (the default model has none): this loop is
+    timed, not judged."""
     model = pipe.unified
-    q = model.num_queries
+    hidden_size = model.image_modules.config.backbone_hidden_size
+    dtype = model.image_modules.queries.dtype
+    readout = torch.nn.Linear(hidden_size, model.image_modules.config.token_dim, dtype=dtype, device=model.device)
 
     def velocity(x, t, branches):
         outs = []
         for k in range(len(branches)):
-            chunk = _queries_chunk(pipe, positions[k], x[0])
-            context = contexts[k]
-            if context is None:
-                cache = BatchCache(model, 1)
-            else:
-                cache = context
+            chunk = _queries_chunk(pipe, positions[k], x[0], queries=False)
+            cache = BatchCache(model, 1) if contexts[k] is None else contexts[k]
             hidden = cache.forward([chunk])[0]
-            outs.append(model.velocity(x, t, hidden[-q:][None]))
+            outs.append(readout(hidden[1:])[None])
         return outs
 
     return velocity
@@ -180,10 +183,12 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
         main_cache = BatchCache(model, 1)
         prompt_states = main_cache.forward([prompt_chunk])[0]
         since_image = encoded.spans[-1].end + 1 if encoded.spans else 0
+        last_image = prompt_states[encoded.spans[-1].vision_slice] if encoded.spans else None
 
-        def ours(guidance, cache=main_cache, start=start, text_only=text_only, text=prompt_states[since_image:]):
+        def ours(guidance, cache=main_cache, start=start, text_only=text_only, text=prompt_states[since_image:],
+                 image=last_image):
             states = cache.forward([_queries_chunk(pipe, start)])[0]
-            cond = [model.head_condition(states[-q:], torch.cat([text, states[:1]]))]
+            cond = [model.head_condition(states[-q:], torch.cat([text, states[:1]]), image)]
             use_image_cfg = guidance.image_scale != 1.0
             text_ids = [int(t) for t in pipe.codec.encode(text_only, []).input_ids]
             null, text_branch = pipe.branch_conds([start], [text_ids] if use_image_cfg else None)
