@@ -58,6 +58,11 @@ class ModelArguments:
         metadata={"help": "How many states of the text before an image the flow head reads beside the queries "
                           "(0: the queries alone)."},
     )
+    head_image_tokens: int = field(
+        default=0,
+        metadata={"help": "How many tokens of the latest context image's states the flow head reads (average-"
+                          "pooled), so a story's next picture or an edit keeps what it shows (0: none)."},
+    )
     image_in_convs: int = field(
         default=0,
         metadata={"help": "3x3 convolution layers over the patch grid beside image_in, so context images "

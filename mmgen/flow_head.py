@@ -4,7 +4,8 @@ It sits beside the backbone (DESIGN.md §1): the backbone runs once over the que
 flow step runs only this head, conditioned on the backbone's states by concatenation (joint self-attention
 over [condition tokens, latent tokens]) and on the timestep by adaLN-Zero. The condition tokens are the
 query states, optionally followed by the states of the text before the image (`ImageModules`
-`head_text_tokens`); conditions of different lengths share a batch through a padding mask.
+`head_text_tokens`) and of the latest context image (`head_image_tokens`); conditions of different lengths
+share a batch through a padding mask.
 """
 
 from __future__ import annotations

@@ -61,10 +61,13 @@ class ImageModules(ModelMixin, ConfigMixin):
     rebuilds its image tokenizer from the VAE alone. `head_text_tokens` is how many states of the text
     before an image (since the previous image, ending at its `<|image_start|>`) the flow head reads beside
     the query states: the words themselves, where the queries carry only what 16 tokens summarise of them.
-    0 conditions the head on the queries alone. `image_in_convs` adds that many `PatchConvs` layers beside
-    `image_in` (0: none). `embed_scale` is the RMS of the backbone's token embeddings: context-image tokens
-    and queries start at that scale, so that the backbone's first norm neither drowns the text beside them
-    nor shrinks the gradient that reaches `image_in`.
+    0 conditions the head on the queries alone. `head_image_tokens` lets the head also read the states of the
+    latest context image before the one it draws, average-pooled to at most that many tokens: the scene a
+    story step or an edit changes, which otherwise reaches the head only through the queries.
+    `image_in_convs` adds that many `PatchConvs` layers beside `image_in` (0: none). `embed_scale` is the RMS
+    of the backbone's token embeddings: context-image tokens and queries start at that scale, so that the
+    backbone's first norm neither drowns the text beside them nor shrinks the gradient that reaches
+    `image_in`.
     """
 
     @register_to_config
@@ -86,9 +89,11 @@ class ImageModules(ModelMixin, ConfigMixin):
         embed_scale: float = 0.02,
         head_text_tokens: int = 0,
         image_in_convs: int = 0,
+        head_image_tokens: int = 0,
     ):
         super().__init__()
-        for name, value in (("head_text_tokens", head_text_tokens), ("image_in_convs", image_in_convs)):
+        for name, value in (("head_text_tokens", head_text_tokens), ("image_in_convs", image_in_convs),
+                            ("head_image_tokens", head_image_tokens)):
             if value < 0:
                 raise ValueError(f"{name} must be 0 or more, got {value}")
         d = backbone_hidden_size
@@ -164,6 +169,10 @@ class UnifiedModel(nn.Module):
     @property
     def head_text_tokens(self) -> int:
         return self.image_modules.config.head_text_tokens
+
+    @property
+    def head_image_tokens(self) -> int:
+        return self.image_modules.config.head_image_tokens
 
     @property
     def device(self) -> torch.device:
@@ -268,25 +277,43 @@ class UnifiedModel(nn.Module):
                  cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.image_modules.flow_head(x_t, t, cond, cond_mask)
 
-    def head_condition(self, query_states: torch.Tensor, text_states: torch.Tensor | None) -> torch.Tensor:
+    def head_condition(self, query_states: torch.Tensor, text_states: torch.Tensor | None,
+                       image_states: torch.Tensor | None = None) -> torch.Tensor:
         """One image's flow-head condition (C, d): its query states, then the last `head_text_tokens` states
-        of the text before it (ending at its `<|image_start|>`)."""
-        if not self.head_text_tokens or text_states is None:
-            return query_states
-        return torch.cat([query_states, text_states[-self.head_text_tokens:].to(query_states.dtype)])
+        of the text before it (ending at its `<|image_start|>`), then the states of the latest context image
+        before it (None: there is none), pooled to at most `head_image_tokens`."""
+        parts = [query_states]
+        if self.head_text_tokens and text_states is not None:
+            parts.append(text_states[-self.head_text_tokens:])
+        if self.head_image_tokens and image_states is not None:
+            parts.append(pool_states(image_states, self.head_image_tokens))
+        return torch.cat([p.to(query_states.dtype) for p in parts]) if len(parts) > 1 else query_states
+
+    def previous_image(self, batch: PackedBatch, row: int, span: ImageSpan) -> ImageSpan | None:
+        """The latest image before `span` in its own sequence of a packed row. A text-dropout image sees
+        nothing before it (as the pipeline's null branch), so it has none."""
+        if span.drop_text:
+            return None
+        begin = _sequence_start(batch, row, span.start)
+        before = [other for other_row, other in batch.spans if other_row == row and begin <= other.end < span.start]
+        return max(before, key=lambda other: other.end, default=None)
 
     def text_before(self, batch: PackedBatch, row: int, span: ImageSpan) -> slice:
         """Positions of the text an image's flow head reads in a packed row: from its sequence's start or the
         previous image's `<|image_end|>`, whichever is later, through its `<|image_start|>`. A text-dropout
-        image reads its `<|image_start|>` alone, which sees nothing before it (as the pipeline's null branch)."""
+        image reads its `<|image_start|>` alone."""
         if span.drop_text:
             return slice(span.start, span.start + 1)
-        starts = (batch.position_ids[row, : span.start + 1] == 0).nonzero()
-        begin = int(starts[-1]) if len(starts) else 0
-        for other_row, other in batch.spans:
-            if other_row == row and begin <= other.end < span.start:
-                begin = other.end + 1
+        previous = self.previous_image(batch, row, span)
+        begin = previous.end + 1 if previous is not None else _sequence_start(batch, row, span.start)
         return slice(begin, span.start + 1)
+
+    def training_condition(self, hidden: torch.Tensor, batch: PackedBatch, row: int, span: ImageSpan) -> torch.Tensor:
+        """The flow-head condition of a generated image in a teacher-forced pass, as the pipeline builds it."""
+        text = hidden[row, self.text_before(batch, row, span)] if self.head_text_tokens else None
+        previous = self.previous_image(batch, row, span) if self.head_image_tokens else None
+        image = hidden[row, previous.vision_slice] if previous is not None else None
+        return self.head_condition(hidden[row, span.query_slice], text, image)
 
     # -- training -------------------------------------------------------------------------------
     def forward(
@@ -312,11 +339,8 @@ class UnifiedModel(nn.Module):
             text_loss = hidden.sum() * 0.0
         generated = [(row, span) for row, span in batch.spans if span.num_queries]
         if generated:
-            cond, cond_mask = pad_conditions([
-                self.head_condition(hidden[row, span.query_slice],
-                                    hidden[row, self.text_before(batch, row, span)] if self.head_text_tokens else None)
-                for row, span in generated
-            ])
+            cond, cond_mask = pad_conditions([self.training_condition(hidden, batch, row, span)
+                                              for row, span in generated])
             x0 = self.image_tokenizer.patchify(torch.stack([batch.latents[s.latent_index] for _, s in generated]))
             x0 = x0.to(cond.dtype).repeat(flow_repeats, 1, 1)
             cond = cond.repeat(flow_repeats, 1, 1)
@@ -334,6 +358,25 @@ class UnifiedModel(nn.Module):
             text_tokens=n_text,
             flow_images=len(generated),
         )
+
+
+def pool_states(states: torch.Tensor, count: int) -> torch.Tensor:
+    """An image's states (N, d) averaged down to at most `count` tokens: over the patch grid when both N and
+    `count` are squares (row-major grids, as `none` and `pool` leave them), else over runs of neighbours."""
+    n = states.shape[0]
+    if n <= count:
+        return states
+    side, target = math.isqrt(n), math.isqrt(count)
+    if side * side == n and target * target == count:
+        grid = states.T.reshape(1, -1, side, side)
+        return F.adaptive_avg_pool2d(grid, target).reshape(-1, count).T
+    return F.adaptive_avg_pool1d(states.T[None], count)[0].T
+
+
+def _sequence_start(batch: PackedBatch, row: int, index: int) -> int:
+    """Where the sequence holding position `index` of a packed row begins."""
+    starts = (batch.position_ids[row, : index + 1] == 0).nonzero()
+    return int(starts[-1]) if len(starts) else 0
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -164,6 +164,7 @@ class _Row:
     images: int = 0
     image_position: int = 0
     text_states: torch.Tensor | None = None  # the newest states of the text since the row's last image
+    image_states: torch.Tensor | None = None  # the states of the row's latest context image
     condition: torch.Tensor | None = None  # the flow-head condition of the image the row waits to draw
     latent: torch.Tensor | None = None
 
@@ -450,6 +451,7 @@ class MMGenPipeline(DiffusionPipeline):
         stats.target_forwards += 1
         for row, chunk in zip(rows, chunks):
             self._keep_text_states(row, hidden[row.index][self._text_since_image(chunk):])
+            self._keep_image_states(row, chunk, hidden[row.index])
         if draft is not None:
             draft.start(len(rows), sampling)
             for row, chunk in zip(rows, chunks):
@@ -482,6 +484,7 @@ class MMGenPipeline(DiffusionPipeline):
             for row, tokens in zip(speaking, chosen):
                 if phases[row.index] == FEEDBACK:
                     row.text_states = None  # the image just appended ends the row's text before the next image
+                    self._keep_image_states(row, row.chunk, hidden[row.index])
                 consumed = self._take_tokens(row, tokens)
                 if phases[row.index] == TEXT:
                     self._keep_text_states(row, hidden[row.index][: 1 + consumed])
@@ -502,7 +505,7 @@ class MMGenPipeline(DiffusionPipeline):
             for row in entering:
                 states = hidden[row.index]  # <|image_start|>, then the queries
                 self._keep_text_states(row, states[:1])
-                row.condition = model.head_condition(states[-model.num_queries:], row.text_states)
+                row.condition = model.head_condition(states[-model.num_queries:], row.text_states, row.image_states)
                 row.text_states = None
                 row.phase = DRAW
             # Drawing dominates the cost of a step, so rows that reach an image wait for the rest of the batch:
@@ -675,6 +678,16 @@ class MMGenPipeline(DiffusionPipeline):
         if limit and len(states):
             kept = states if row.text_states is None else torch.cat([row.text_states, states])
             row.text_states = kept[-limit:]
+
+    def _keep_image_states(self, row: _Row, chunk: Chunk, states: torch.Tensor) -> None:
+        """Remember the states of the newest image a chunk brings into a row's context, for a flow head that
+        reads the latest context image."""
+        visions = [k for k, m in enumerate(chunk.modality) if m == VISION]
+        if self.unified.head_image_tokens and visions:
+            first = visions[-1]
+            while first and chunk.modality[first - 1] == VISION:
+                first -= 1
+            row.image_states = states[first: visions[-1] + 1]
 
     @staticmethod
     def _text_since_image(chunk: Chunk) -> int:

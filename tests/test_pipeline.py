@@ -43,11 +43,12 @@ def test_save_and_load_round_trip_gives_identical_output(make_pipeline, tmp_path
     assert not list(tmp_path.rglob("*.bin")), "components are saved as safetensors"
 
 
-@pytest.mark.parametrize("head_text_tokens", [0, 5])
-def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline, head_text_tokens):
-    """With a head that reads text states, rows bring conditions of different lengths: padding must not
-    change any row's picture."""
-    pipe = make_pipeline("qwen2", image_scale=6.0, head_text_tokens=head_text_tokens)
+@pytest.mark.parametrize("head_text_tokens,head_image_tokens", [(0, 0), (5, 0), (5, 4)])
+def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline, head_text_tokens, head_image_tokens):
+    """With a head that reads text states or the last context image, rows bring conditions of different
+    lengths: padding must not change any row's picture."""
+    pipe = make_pipeline("qwen2", image_scale=6.0, head_text_tokens=head_text_tokens,
+                         head_image_tokens=head_image_tokens)
     picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
     prompts = [["draw a red circle."], [picture, " what colour is it?"], ["tell a story about a square."]]
     kwargs = dict(max_new_tokens=12, num_inference_steps=2, max_images=2)
@@ -70,30 +71,35 @@ def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline, head_text_tok
             assert diff <= 1, "the same noise and conditions give the same picture"
 
 
-def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline):
-    """For each guidance branch, the condition the pipeline gives the flow head (query states, then the
-    newest text states since the last context image) is the one teacher-forced training builds for the same
-    sequence: the full one, the text-dropout one, and the one with the context image dropped."""
+@pytest.mark.parametrize("head_image_tokens", [0, 4, 16])
+def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline, head_image_tokens):
+    """For each guidance branch, the condition the pipeline gives the flow head (query states, the newest
+    text states since the last context image, and that image's states pooled to `head_image_tokens`) is the one
+    teacher-forced training builds for the same sequence: the full one, the text-dropout one, and the one
+    with the context image dropped. A second picture reads the first one, fed back into the context."""
     from mmgen.data import drop_image_context
     from mmgen.stream import pack_sequences
 
     cap = 8
-    pipe = make_pipeline("llama", image_scale=50.0, head_text_tokens=cap)  # draws at once after the prompt
+    pipe = make_pipeline("llama", image_scale=50.0, head_text_tokens=cap,  # draws at once after the prompt
+                         head_image_tokens=head_image_tokens)
     picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
     prompt = pipe.encode_images([Text("a red circle and a green star."), Image(image=picture), Text(" now blue:")])
     seen = []
     denoise = pipe.denoise
     pipe.denoise = lambda x, branches, *args, **kw: seen.append(branches) or denoise(x, branches, *args, **kw)
-    out = pipe([prompt], max_new_tokens=4, num_inference_steps=2, max_images=1, guidance_scale=3.0,
+    out = pipe([prompt], max_new_tokens=4, num_inference_steps=2, max_images=2, guidance_scale=3.0,
                image_guidance_scale=2.0, output_type="latent")
     del pipe.denoise
-    drawn = out.segments[0][0]
-    assert isinstance(drawn, Image), "the prompt should lead straight to a picture"
+    answer = out.segments[0]
+    assert isinstance(answer[0], Image), "the prompt should lead straight to a picture"
+    second = [k for k, s in enumerate(answer) if isinstance(s, Image)][1]
     model, codec = pipe.unified, pipe.codec
     q = model.num_queries
 
-    def trained_condition(prompt_part, drop_text=False):
-        segments = [*prompt_part, Image(latent=drawn.latent)]
+    def trained_condition(prompt_part, answer_part, drop_text=False):
+        """The condition training builds for the last image of prompt_part + answer_part."""
+        segments = [*prompt_part, *(Image(latent=s.latent) if isinstance(s, Image) else s for s in answer_part)]
         count = model.image_modules.compressor.num_tokens("none")
         enc = codec.encode(segments, [count] * sum(isinstance(s, Image) for s in segments),
                            answer_start=len(prompt_part))
@@ -103,17 +109,23 @@ def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline):
             hidden, _ = model.run_backbone(model.embed(packed.input_ids, packed.spans, packed.latents),
                                            packed.position_ids, packed.attention_mask)
         row, span = packed.spans[-1]
-        return model.head_condition(hidden[row, span.query_slice], hidden[row, model.text_before(packed, row, span)])
+        return model.training_condition(hidden, packed, row, span)
 
     full, null, text_only = (branch[0] for branch in seen[0])
     after_image = len(codec.text_ids(" now blue:")) + 1  # and <|image_start|>
-    assert after_image < cap and full.shape[0] == q + after_image, "the text since the context image"
+    image_tokens = min(head_image_tokens, model.image_modules.compressor.num_tokens("none"))
+    assert after_image < cap and full.shape[0] == q + after_image + image_tokens, "the text since the image"
     assert text_only.shape[0] == q + cap, "with the image dropped, all text: the newest `cap` states"
     assert null.shape[0] == q + 1, "the null branch reads its <|image_start|> alone"
-    torch.testing.assert_close(full, trained_condition(prompt), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(null, trained_condition(prompt, drop_text=True), atol=1e-5, rtol=1e-5)
-    without_images, _ = drop_image_context(prompt, [drawn])
-    torch.testing.assert_close(text_only, trained_condition(without_images), atol=1e-5, rtol=1e-5)
+    first = answer[:1]
+    torch.testing.assert_close(full, trained_condition(prompt, first), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(null, trained_condition(prompt, first, drop_text=True), atol=1e-5, rtol=1e-5)
+    without_images, _ = drop_image_context(prompt, first)
+    torch.testing.assert_close(text_only, trained_condition(without_images, first), atol=1e-5, rtol=1e-5)
+    then = seen[1][0][0]
+    assert second == 1, "the first picture should lead straight to the second"
+    assert then.shape[0] == q + 1 + image_tokens, "the second picture reads the first, not the prompt's"
+    torch.testing.assert_close(then, trained_condition(prompt, answer[: second + 1]), atol=1e-5, rtol=1e-5)
 
 
 def test_streaming_yields_segments_in_order(make_pipeline):
@@ -213,6 +225,20 @@ def test_a_pipeline_loads_in_bfloat16_by_name_and_runs_the_whole_loop(make_pipel
     assert torch.equal(noise, full.initial_noise([torch.Generator().manual_seed(3)]).to(torch.bfloat16))
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, got 'half'"):
         MMGenPipeline.from_pretrained(tmp_path, dtype="half")
+
+
+def test_the_last_image_reaches_the_flow_head_pooled_over_its_grid():
+    """`pool_states` averages a square grid of states over square blocks, keeps what is already small
+    enough, and falls back to runs of neighbours for token sets that are not a grid."""
+    from mmgen.model import pool_states
+
+    grid = torch.arange(16.0).reshape(16, 1).repeat(1, 3)  # a 4x4 grid, token k holds k
+    pooled = pool_states(grid, 4)
+    assert pooled[:, 0].tolist() == [2.5, 4.5, 10.5, 12.5], "the means of the four 2x2 blocks, row-major"
+    assert pool_states(grid, 16) is grid
+    assert torch.equal(pool_states(grid[:3], 4), grid[:3])
+    runs = pool_states(torch.arange(6.0)[:, None], 3)
+    assert runs[:, 0].tolist() == [0.5, 2.5, 4.5], "six tokens, not a grid: pairs of neighbours"
 
 
 def test_patch_convolutions_let_an_image_token_see_its_neighbours():
