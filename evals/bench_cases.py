@@ -47,7 +47,7 @@ def _encode_prompt(pipe, segments: list[Segment]):
     return embeds, encoded.position_ids, encoded
 
 
-def _queries_chunk(pipe, position: int, noisy: torch.Tensor | None = None, queries: bool = True) -> Chunk:
+def _drawing_chunk(pipe, position: int, noisy: torch.Tensor | None = None, queries: bool = True) -> Chunk:
     """<|image_start|> (+ the noisy image's tokens, for loops that run the backbone at every flow step)
     (+ the queries) at one position."""
     model = pipe.unified
@@ -75,7 +75,7 @@ def _velocity_in_backbone(pipe, contexts: list[Chunk | None], positions: list[in
     def velocity(x, t, branches):
         outs = []
         for k in range(len(branches)):
-            chunk = _queries_chunk(pipe, positions[k], x[0], queries=False)
+            chunk = _drawing_chunk(pipe, positions[k], x[0], queries=False)
             cache = BatchCache(model, 1) if contexts[k] is None else contexts[k]
             hidden = cache.forward([chunk])[0]
             outs.append(readout(hidden[1:])[None])
@@ -130,7 +130,7 @@ def story_case(pipe, options: BenchOptions) -> CaseResult:
                     fresh = BatchCache(model, 1)
                     if contexts[k] is not None:
                         fresh.forward([contexts[k]])  # no cache across steps: the whole history again
-                    hidden = fresh.forward([_queries_chunk(pipe, starts[k], x[0])])[0]
+                    hidden = fresh.forward([_drawing_chunk(pipe, starts[k], x[0])])[0]
                     outs.append(model.velocity(x, t, hidden[-model.num_queries:][None]))
                 return outs
 
@@ -187,7 +187,7 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
 
         def ours(guidance, cache=main_cache, start=start, text_only=text_only, text=prompt_states[since_image:],
                  image=last_image):
-            states = cache.forward([_queries_chunk(pipe, start)])[0]
+            states = cache.forward([_drawing_chunk(pipe, start)])[0]
             cond = [model.head_condition(states[-q:], torch.cat([text, states[:1]]), image)]
             use_image_cfg = guidance.image_scale != 1.0
             text_ids = [int(t) for t in pipe.codec.encode(text_only, []).input_ids]
