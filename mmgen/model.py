@@ -290,30 +290,24 @@ class UnifiedModel(nn.Module):
         return torch.cat([p.to(query_states.dtype) for p in parts]) if len(parts) > 1 else query_states
 
     def previous_image(self, batch: PackedBatch, row: int, span: ImageSpan) -> ImageSpan | None:
-        """The latest image before `span` in its own sequence of a packed row. A text-dropout image sees
-        nothing before it (as the pipeline's null branch), so it has none."""
-        if span.drop_text:
-            return None
+        """The latest image before `span` in its own sequence of a packed row."""
         begin = _sequence_start(batch, row, span.start)
         before = [other for other_row, other in batch.spans if other_row == row and begin <= other.end < span.start]
         return max(before, key=lambda other: other.end, default=None)
 
-    def text_before(self, batch: PackedBatch, row: int, span: ImageSpan) -> slice:
-        """Positions of the text an image's flow head reads in a packed row: from its sequence's start or the
-        previous image's `<|image_end|>`, whichever is later, through its `<|image_start|>`. A text-dropout
-        image reads its `<|image_start|>` alone."""
+    def training_condition(self, hidden: torch.Tensor, batch: PackedBatch, row: int, span: ImageSpan) -> torch.Tensor:
+        """The flow-head condition of a generated image in a teacher-forced pass, as the pipeline builds it.
+
+        The text it reads runs from its sequence's start or the previous image's `<|image_end|>`, whichever is
+        later, through its `<|image_start|>`. A text-dropout image sees nothing before it (as the pipeline's
+        null branch): it reads its `<|image_start|>` alone, and no earlier image."""
+        queries = hidden[row, span.query_slice]
         if span.drop_text:
-            return slice(span.start, span.start + 1)
+            return self.head_condition(queries, hidden[row, span.start: span.start + 1])
         previous = self.previous_image(batch, row, span)
         begin = previous.end + 1 if previous is not None else _sequence_start(batch, row, span.start)
-        return slice(begin, span.start + 1)
-
-    def training_condition(self, hidden: torch.Tensor, batch: PackedBatch, row: int, span: ImageSpan) -> torch.Tensor:
-        """The flow-head condition of a generated image in a teacher-forced pass, as the pipeline builds it."""
-        text = hidden[row, self.text_before(batch, row, span)] if self.head_text_tokens else None
-        previous = self.previous_image(batch, row, span) if self.head_image_tokens else None
         image = hidden[row, previous.vision_slice] if previous is not None else None
-        return self.head_condition(hidden[row, span.query_slice], text, image)
+        return self.head_condition(queries, hidden[row, begin: span.start + 1], image)
 
     # -- training -------------------------------------------------------------------------------
     def forward(

@@ -682,18 +682,26 @@ class MMGenPipeline(DiffusionPipeline):
     def _keep_image_states(self, row: _Row, chunk: Chunk, states: torch.Tensor) -> None:
         """Remember the states of the newest image a chunk brings into a row's context, for a flow head that
         reads the latest context image."""
-        visions = [k for k, m in enumerate(chunk.modality) if m == VISION]
-        if self.unified.head_image_tokens and visions:
-            first = visions[-1]
-            while first and chunk.modality[first - 1] == VISION:
-                first -= 1
-            row.image_states = states[first: visions[-1] + 1]
+        if self.unified.head_image_tokens:
+            tokens = self._last_image_tokens(chunk)
+            if tokens is not None:
+                row.image_states = states[tokens]
 
     @staticmethod
-    def _text_since_image(chunk: Chunk) -> int:
-        """Index of a prefill chunk's first token after its last image (0: it holds none)."""
+    def _last_image_tokens(chunk: Chunk) -> slice | None:
+        """Where the vision tokens of a chunk's last image sit in it (None: it holds no image)."""
         visions = [k for k, m in enumerate(chunk.modality) if m == VISION]
-        return visions[-1] + 2 if visions else 0  # past the image's `<|image_end|>`
+        if not visions:
+            return None
+        first = visions[-1]
+        while first and chunk.modality[first - 1] == VISION:
+            first -= 1
+        return slice(first, visions[-1] + 1)
+
+    def _text_since_image(self, chunk: Chunk) -> int:
+        """Index of a prefill chunk's first token after its last image (0: it holds none)."""
+        tokens = self._last_image_tokens(chunk)
+        return tokens.stop + 1 if tokens is not None else 0  # past the image's `<|image_end|>`
 
     def _query_chunk(self, row: _Row) -> Chunk:
         row.image_position = row.next_position
