@@ -73,25 +73,32 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
 
 
-def tiny_image_modules(hidden: int = 32, seed: int = 0, head_text_tokens: int = 0,
-                       head_image_tokens: int = 0) -> ImageModules:
+def tiny_image_modules(hidden: int = 32, seed: int = 0, **head_settings) -> ImageModules:
+    """Tiny random image modules; `head_settings` are `ImageModules`' settings of what the flow head reads
+    (`head_text_tokens`, `head_image_tokens`)."""
     torch.manual_seed(seed)
-    return ImageModules(backbone_hidden_size=hidden, token_dim=16, grid_size=4, image_size=16, patch_size=2,
-                        num_queries=4, head_hidden_size=32, head_layers=2, head_heads=2,
-                        head_text_tokens=head_text_tokens, head_image_tokens=head_image_tokens)
+    modules = ImageModules(backbone_hidden_size=hidden, token_dim=16, grid_size=4, image_size=16, patch_size=2,
+                           num_queries=4, head_hidden_size=32, head_layers=2, head_heads=2, **head_settings)
+    # The head's adaLN gates and output projection start at zero, which would make a random
+    # head's velocity zero whatever it reads: small random weights make every input of the head count.
+    head = modules.flow_head
+    with torch.no_grad():
+        for layer in [block.ada for block in head.blocks] + [head.ada_out, head.out]:
+            for weight in layer.parameters():
+                weight.normal_(std=0.05)
+    return modules
 
 
 def tiny_pipeline(tokenizer, kind: str = "llama", image_scale: float = 1.0, seed: int = 0,
-                  head_text_tokens: int = 0, head_image_tokens: int = 0) -> MMGenPipeline:
+                  **head_settings) -> MMGenPipeline:
     """A random pipeline. `image_scale` multiplies the output row of <|image_start|>, so that a random
     model picks it wherever its hidden state leans that way: a deterministic mix of text and images.
-    `head_text_tokens` > 0 lets its flow head read that many text states beside the queries, and
-    `head_image_tokens` > 0 that many (pooled) states of the latest context image."""
+    `head_settings` go to `tiny_image_modules`."""
     backbone = tiny_backbone(kind, tokenizer, seed=seed)
     if image_scale != 1.0:
         with torch.no_grad():
             backbone.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids("<|image_start|>")] *= image_scale
-    modules = tiny_image_modules(seed=seed, head_text_tokens=head_text_tokens, head_image_tokens=head_image_tokens)
+    modules = tiny_image_modules(seed=seed, **head_settings)
     pipe = MMGenPipeline(backbone, tokenizer, tiny_vae(seed), modules, FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -107,9 +114,8 @@ def model_dir(tokenizer, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_pipeline(tokenizer):
-    def make(kind: str = "llama", image_scale: float = 1.0, seed: int = 0, head_text_tokens: int = 0,
-             head_image_tokens: int = 0) -> MMGenPipeline:
-        return tiny_pipeline(tokenizer, kind, image_scale, seed, head_text_tokens, head_image_tokens)
+    def make(kind: str = "llama", image_scale: float = 1.0, seed: int = 0, **head_settings) -> MMGenPipeline:
+        return tiny_pipeline(tokenizer, kind, image_scale, seed, **head_settings)
 
     return make
 
