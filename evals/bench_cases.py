@@ -184,9 +184,10 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
         prompt_states = main_cache.forward([prompt_chunk])[0]
         since_image = encoded.spans[-1].end + 1 if encoded.spans else 0
         last_image = prompt_states[encoded.spans[-1].vision_slice] if encoded.spans else None
+        reference = model.reference_patches([encoded.latents[-1] if encoded.latents else None])
 
         def ours(guidance, cache=main_cache, start=start, text_only=text_only, text=prompt_states[since_image:],
-                 image=last_image):
+                 image=last_image, reference=reference):
             states = cache.forward([_drawing_chunk(pipe, start)])[0]
             cond = [model.head_condition(states[-q:], torch.cat([text, states[:1]]), image)]
             use_image_cfg = guidance.image_scale != 1.0
@@ -194,7 +195,8 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
             null, text_branch = pipe.branch_conds([start], [text_ids] if use_image_cfg else None)
             branches = [cond, null] + ([text_branch] if use_image_cfg else [])
             x = pipe.initial_noise([torch.Generator().manual_seed(0)])
-            x = pipe.denoise(x, branches, guidance, settings["num_inference_steps"])
+            x = pipe.denoise(x, branches, guidance, settings["num_inference_steps"],
+                             velocity_fn=pipe.head_velocities(reference))
             model.image_tokenizer.decode(model.image_tokenizer.unpatchify(x))
 
         def in_backbone(cache=main_cache, start=start):

@@ -63,6 +63,11 @@ class ModelArguments:
         metadata={"help": "How many tokens of the latest context image's states the flow head reads (average-"
                           "pooled), so a story's next picture or an edit keeps what it shows (0: none)."},
     )
+    head_reference: bool = field(
+        default=False,
+        metadata={"help": "Give the flow head the latest context image's latent patch by patch beside the noisy "
+                          "one, so a story's next picture or an edit keeps the scene in place."},
+    )
     image_in_convs: int = field(
         default=0,
         metadata={"help": "3x3 convolution layers over the patch grid beside image_in, so context images "

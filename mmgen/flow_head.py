@@ -5,7 +5,8 @@ flow step runs only this head, conditioned on the backbone's states by concatena
 over [condition tokens, latent tokens]) and on the timestep by adaLN-Zero. The condition tokens are the
 query states, optionally followed by the states of the text before the image (`ImageModules`
 `head_text_tokens`) and of the latest context image (`head_image_tokens`); conditions of different lengths
-share a batch through a padding mask.
+share a batch through a padding mask. A head with a reference input also sees that image's clean latent patch by
+patch, added to the noisy latent's embedding (channel concatenation, as InstructPix2Pix conditions edits).
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class FlowHead(ModelMixin, ConfigMixin):
 
     Convention (rectified flow): x_t = t·noise + (1 − t)·x_0 and the target velocity is noise − x_0, so
     t = 1 is pure noise. This matches diffusers' FlowMatchEulerDiscreteScheduler with sigma = t.
+
+    `reference_input` adds `reference_in`: a reference latent's patch tokens (zeros: no reference) projected
+    and added to the noisy tokens at the same grid cells. A story step or an edit keeps most of the scene
+    before it where it was, and the pooled states the condition carries place objects too coarsely for that.
+    The projection starts at zero and has no bias, so a stage can add it to a trained head.
     """
 
     @register_to_config
@@ -86,9 +92,13 @@ class FlowHead(ModelMixin, ConfigMixin):
         num_layers: int = 6,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
+        reference_input: bool = False,
     ):
         super().__init__()
         self.x_in = nn.Linear(token_dim, hidden_size)
+        self.reference_in = nn.Linear(token_dim, hidden_size, bias=False) if reference_input else None
+        if self.reference_in is not None:
+            nn.init.zeros_(self.reference_in.weight)
         self.pos = nn.Linear(hidden_size, hidden_size)
         self.cond_in = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, hidden_size))
         self.cond_pool = nn.Linear(hidden_size, hidden_size)
@@ -103,12 +113,17 @@ class FlowHead(ModelMixin, ConfigMixin):
         self.register_buffer("grid", square_grid(grid_size), persistent=False)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cond_mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
         """x_t (B, N, token_dim), t (B,) in [0, 1], cond (B, C, cond_dim) → velocity (B, N, token_dim).
 
-        `cond_mask` (B, C) bool marks the real condition tokens of a padded batch (None: all are real)."""
+        `cond_mask` (B, C) bool marks the real condition tokens of a padded batch (None: all are real).
+        `reference` (B, N, token_dim) holds reference latents for a head with a reference input (None: none)."""
         hidden = self.config.hidden_size
         x = self.x_in(x_t) + self.pos(grid_sincos(self.grid, hidden).to(x_t.dtype))
+        if reference is not None:
+            if self.reference_in is None:
+                raise ValueError("this flow head has no reference input (reference_input=False)")
+            x = x + self.reference_in(reference.to(x_t.dtype))
         c_tokens = self.cond_in(cond)
         if cond_mask is None:
             pooled, mask = c_tokens.mean(1), None

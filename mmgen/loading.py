@@ -175,6 +175,7 @@ def build_model(args: ModelArguments) -> tuple[UnifiedModel, object]:
         head_mlp_ratio=args.head_mlp_ratio,
         head_text_tokens=args.head_text_tokens,
         head_image_tokens=args.head_image_tokens,
+        head_reference=args.head_reference,
         image_in_convs=args.image_in_convs,
     )
     return UnifiedModel(backbone, image_modules, image_tokenizer), tokenizer

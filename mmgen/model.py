@@ -24,6 +24,7 @@ from .stream import IGNORE_INDEX, ImageSpan, PackedBatch
 
 RESAMPLER_PREFIX = "compressor.resampler."  # names of the learned resampler's weights in ImageModules
 PATCH_CONVS_PREFIX = "patch_convs."  # names of the weights `image_in_convs` adds
+REFERENCE_PREFIX = "flow_head.reference_in."  # names of the weights `head_reference` adds
 
 
 class PatchConvs(nn.Module):
@@ -64,6 +65,8 @@ class ImageModules(ModelMixin, ConfigMixin):
     0 conditions the head on the queries alone. `head_image_tokens` lets the head also read the states of the
     latest context image before the one it draws, average-pooled to at most that many tokens: the scene a
     story step or an edit changes, which otherwise reaches the head only through the queries.
+    `head_reference` gives the flow head a reference input (`FlowHead`): the clean latent of that same image,
+    patch by patch, so a picture can keep what the one before it showed, where it showed it.
     `image_in_convs` adds that many `PatchConvs` layers beside `image_in` (0: none). `embed_scale` is the RMS
     of the backbone's token embeddings: context-image tokens and queries start at that scale, so that the
     backbone's first norm neither drowns the text beside them nor shrinks the gradient that reaches
@@ -90,6 +93,7 @@ class ImageModules(ModelMixin, ConfigMixin):
         head_text_tokens: int = 0,
         image_in_convs: int = 0,
         head_image_tokens: int = 0,
+        head_reference: bool = False,
     ):
         super().__init__()
         for name, value in (("head_text_tokens", head_text_tokens), ("image_in_convs", image_in_convs),
@@ -116,6 +120,7 @@ class ImageModules(ModelMixin, ConfigMixin):
             num_layers=head_layers,
             num_heads=head_heads,
             mlp_ratio=head_mlp_ratio,
+            reference_input=head_reference,
         )
         self.register_buffer("grid", square_grid(grid_size), persistent=False)
 
@@ -173,6 +178,10 @@ class UnifiedModel(nn.Module):
     @property
     def head_image_tokens(self) -> int:
         return self.image_modules.config.head_image_tokens
+
+    @property
+    def head_reference(self) -> bool:
+        return self.image_modules.config.head_reference
 
     @property
     def device(self) -> torch.device:
@@ -274,8 +283,17 @@ class UnifiedModel(nn.Module):
         return self.backbone.get_output_embeddings()(hidden).float()
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                 cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.image_modules.flow_head(x_t, t, cond, cond_mask)
+                 cond_mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+        return self.image_modules.flow_head(x_t, t, cond, cond_mask, reference)
+
+    def reference_patches(self, latents: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """The flow head's reference input for a batch of images, from each one's reference latent (C, H, W)
+        (None: it has none, given as zeros); None when the head has no reference input or no image has one."""
+        if not self.head_reference or all(latent is None for latent in latents):
+            return None
+        like = next(latent for latent in latents if latent is not None)
+        stacked = torch.stack([like.new_zeros(like.shape) if latent is None else latent for latent in latents])
+        return self.image_tokenizer.patchify(stacked.to(self.device)).to(self.image_modules.queries.dtype)
 
     def head_condition(self, query_states: torch.Tensor, text_states: torch.Tensor | None,
                        image_states: torch.Tensor | None = None) -> torch.Tensor:
@@ -309,6 +327,12 @@ class UnifiedModel(nn.Module):
         image = hidden[row, previous.vision_slice] if previous is not None else None
         return self.head_condition(queries, hidden[row, begin: span.start + 1], image)
 
+    def training_reference(self, batch: PackedBatch, row: int, span: ImageSpan) -> torch.Tensor | None:
+        """The reference latent of a generated image in a teacher-forced pass, as the pipeline picks it: the
+        latest image before it in its sequence; none for a text-dropout image, which sees nothing before it."""
+        previous = None if span.drop_text else self.previous_image(batch, row, span)
+        return batch.latents[previous.latent_index] if previous is not None else None
+
     # -- training -------------------------------------------------------------------------------
     def forward(
         self,
@@ -337,12 +361,15 @@ class UnifiedModel(nn.Module):
                                               for row, span in generated])
             x0 = self.image_tokenizer.patchify(torch.stack([batch.latents[s.latent_index] for _, s in generated]))
             x0 = x0.to(cond.dtype).repeat(flow_repeats, 1, 1)
+            reference = self.reference_patches([self.training_reference(batch, row, s) for row, s in generated])
+            if reference is not None:
+                reference = reference.repeat(flow_repeats, 1, 1)
             cond = cond.repeat(flow_repeats, 1, 1)
             cond_mask = None if cond_mask is None else cond_mask.repeat(flow_repeats, 1)
             t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, generator=generator))  # logit-normal
             noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
             x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
-            flow_loss = F.mse_loss(self.velocity(x_t, t, cond, cond_mask).float(), (noise - x0).float())
+            flow_loss = F.mse_loss(self.velocity(x_t, t, cond, cond_mask, reference).float(), (noise - x0).float())
         else:
             flow_loss = hidden.sum() * 0.0
         return LossOutput(

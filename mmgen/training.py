@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import ModelArguments, TrainArguments
 from .data import BatchBuilder, InterleavedJsonlData, ShapesWorldData, batch_loader, batch_seed
 from .loading import build_model
-from .model import PATCH_CONVS_PREFIX, RESAMPLER_PREFIX, UnifiedModel, cosine_with_warmup
+from .model import PATCH_CONVS_PREFIX, REFERENCE_PREFIX, RESAMPLER_PREFIX, UnifiedModel, cosine_with_warmup
 from .model_card import BENCH, EXTRAS, RESAMPLER_RECIPE, write_model_card
 from .stream import StreamCodec
 
@@ -161,13 +161,16 @@ class Trainer:
             weights = {k: v for k, v in weights.items() if not k.startswith(RESAMPLER_PREFIX)}
             logger.warning("the learned resampler of %s is left out: retrain it after this run", folder)
         missing, unexpected = model.image_modules.load_state_dict(weights, strict=False)
-        # Patch convolutions a stage adds start at zero (`PatchConvs`); any other mismatch is an error.
-        others = [k for k in missing if not k.startswith(PATCH_CONVS_PREFIX)] + list(unexpected)
+        # Patch convolutions and a reference input that a stage adds start at zero (`PatchConvs`, `FlowHead`);
+        # any other mismatch is an error.
+        added = (PATCH_CONVS_PREFIX, REFERENCE_PREFIX)
+        others = [k for k in missing if not k.startswith(added)] + list(unexpected)
         if others:
             raise ValueError(f"the image modules of {folder} do not fit this model's configuration: "
                              f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
         if missing:
-            logger.info("%s has no patch convolutions: they start at zero", folder)
+            new = [prefix.rstrip(".") for prefix in added if any(k.startswith(prefix) for k in missing)]
+            logger.info("%s has no %s: they start at zero", folder, ", ".join(new))
         state = Path(folder) / "training_state.json"
         self.step = json.loads(state.read_text())["step"] if state.is_file() else 0
         if self.step:

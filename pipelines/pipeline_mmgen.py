@@ -165,6 +165,7 @@ class _Row:
     image_position: int = 0
     text_states: torch.Tensor | None = None  # the newest states of the text since the row's last image
     image_states: torch.Tensor | None = None  # the states of the row's latest context image
+    reference: torch.Tensor | None = None  # that image's latent, for a flow head with a reference input
     condition: torch.Tensor | None = None  # the flow-head condition of the image the row waits to draw
     latent: torch.Tensor | None = None
 
@@ -542,6 +543,7 @@ class MMGenPipeline(DiffusionPipeline):
             text_only_ids=[t for t in text_ids if t not in image_marks],
             has_context_image=bool(encoded.spans),
             max_new_tokens=max_new_tokens,
+            reference=encoded.latents[-1] if encoded.latents and model.head_reference else None,
         )
         return chunk, row
 
@@ -769,10 +771,11 @@ class MMGenPipeline(DiffusionPipeline):
 
         `branches` holds the conditions of each guidance branch, one (C, d) per image, as [full] or
         [full, null] or [full, null, text-only]; `velocity_fn(x, t, branches) -> list of velocities`
-        defaults to one batched call of the flow head (the benchmark swaps in an in-backbone loop).
+        defaults to one batched call of the flow head without a reference (`head_velocities`; the benchmark
+        swaps in an in-backbone loop).
         """
         model = self.unified
-        velocity_fn = velocity_fn or self._head_velocities
+        velocity_fn = velocity_fn or self.head_velocities()
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=model.device)
         with self.progress_bar(total=num_inference_steps) as bar:
@@ -790,10 +793,22 @@ class MMGenPipeline(DiffusionPipeline):
                 bar.update()
         return x
 
-    def _head_velocities(self, x: torch.Tensor, t: torch.Tensor, branches: list) -> list[torch.Tensor]:
-        n = len(branches)
-        cond, mask = pad_conditions([c for branch in branches for c in branch])
-        return list(self.unified.velocity(x.repeat(n, 1, 1), t.repeat(n), cond, mask).chunk(n))
+    def head_velocities(self, reference: torch.Tensor | None = None) -> Callable:
+        """`denoise`'s default velocity function: one batched flow-head call over all branches.
+
+        `reference` (B, N, token_dim), from `UnifiedModel.reference_patches`, goes to the full branch alone:
+        the guidance branches see no context image, as their training counterparts do."""
+
+        def velocities(x: torch.Tensor, t: torch.Tensor, branches: list) -> list[torch.Tensor]:
+            n = len(branches)
+            cond, mask = pad_conditions([c for branch in branches for c in branch])
+            references = None
+            if reference is not None:
+                references = torch.cat([reference, reference.new_zeros((n - 1) * reference.shape[0],
+                                                                       *reference.shape[1:])])
+            return list(self.unified.velocity(x.repeat(n, 1, 1), t.repeat(n), cond, mask, references).chunk(n))
+
+        return velocities
 
     def _image_phase(self, rows: list[_Row], num_inference_steps: int, guidance: Guidance,
                      output_type: str, callback_on_step_end, generated_compression: str) -> Iterator[StreamEvent]:
@@ -809,13 +824,16 @@ class MMGenPipeline(DiffusionPipeline):
             )
             branches += [null] + ([text_only] if use_image_cfg else [])
         x = self.initial_noise([r.generator for r in rows])
-        x = self.denoise(x, branches, guidance, num_inference_steps, callback_on_step_end)
+        velocity_fn = self.head_velocities(self.unified.reference_patches([r.reference for r in rows]))
+        x = self.denoise(x, branches, guidance, num_inference_steps, callback_on_step_end, velocity_fn)
         latents = tokenizer.unpatchify(x)
         pixels = tokenizer.postprocess(tokenizer.decode(latents)) if output_type != "latent" else [None] * len(rows)
         self.last_stats.images += len(rows)
         self.last_stats.image_seconds += time.perf_counter() - started
         for row, latent, pil in zip(rows, latents, pixels):
             row.latent, row.condition = latent, None
+            if self.unified.head_reference:
+                row.reference = latent
             row.images += 1
             row.phase = FEEDBACK
             row.chunk = self._feedback_chunk(row, generated_compression)

@@ -43,12 +43,15 @@ def test_save_and_load_round_trip_gives_identical_output(make_pipeline, tmp_path
     assert not list(tmp_path.rglob("*.bin")), "components are saved as safetensors"
 
 
-@pytest.mark.parametrize("head_text_tokens,head_image_tokens", [(0, 0), (5, 0), (5, 4)])
-def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline, head_text_tokens, head_image_tokens):
+@pytest.mark.parametrize("head_text_tokens,head_image_tokens,head_reference",
+                         [(0, 0, False), (5, 0, False), (5, 4, True)])
+def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline, head_text_tokens, head_image_tokens,
+                                                     head_reference):
     """With a head that reads text states or the last context image, rows bring conditions of different
-    lengths: padding must not change any row's picture."""
+    lengths, and with a reference input some rows have a reference latent and some none: neither padding nor
+    the missing references may change any row's picture."""
     pipe = make_pipeline("qwen2", image_scale=6.0, head_text_tokens=head_text_tokens,
-                         head_image_tokens=head_image_tokens)
+                         head_image_tokens=head_image_tokens, head_reference=head_reference)
     picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
     prompts = [["draw a red circle."], [picture, " what colour is it?"], ["tell a story about a square."]]
     kwargs = dict(max_new_tokens=12, num_inference_steps=2, max_images=2)
@@ -71,34 +74,38 @@ def test_batch_gives_the_same_rows_as_one_at_a_time(make_pipeline, head_text_tok
             assert diff <= 1, "the same noise and conditions give the same picture"
 
 
-@pytest.mark.parametrize("head_image_tokens", [0, 4, 16])
-def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline, head_image_tokens):
+@pytest.mark.parametrize("head_image_tokens,head_reference", [(0, False), (4, True), (16, False)])
+def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline, head_image_tokens, head_reference):
     """For each guidance branch, the condition the pipeline gives the flow head (query states, the newest
     text states since the last context image, and that image's states pooled to `head_image_tokens`) is the one
     teacher-forced training builds for the same sequence: the full one, the text-dropout one, and the one
-    with the context image dropped. A second picture reads the first one, fed back into the context."""
+    with the context image dropped. So is the reference latent of a head with a reference input: that image's
+    latent in the full branch, none in the others. A second picture reads the first one, fed back into the
+    context."""
     from mmgen.data import drop_image_context
     from mmgen.stream import pack_sequences
 
     cap = 8
     pipe = make_pipeline("llama", image_scale=50.0, head_text_tokens=cap,  # draws at once after the prompt
-                         head_image_tokens=head_image_tokens)
+                         head_image_tokens=head_image_tokens, head_reference=head_reference)
     picture = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
     prompt = pipe.encode_images([Text("a red circle and a green star."), Image(image=picture), Text(" now blue:")])
-    seen = []
-    denoise = pipe.denoise
+    model, codec = pipe.unified, pipe.codec
+    seen, references = [], []
+    denoise, velocity = pipe.denoise, model.velocity
     pipe.denoise = lambda x, branches, *args, **kw: seen.append(branches) or denoise(x, branches, *args, **kw)
+    model.velocity = lambda *args: references.append((len(seen) - 1, args[4])) or velocity(*args)
     out = pipe([prompt], max_new_tokens=4, num_inference_steps=2, max_images=2, guidance_scale=3.0,
                image_guidance_scale=2.0, output_type="latent")
-    del pipe.denoise
+    del pipe.denoise, model.velocity
     answer = out.segments[0]
     assert isinstance(answer[0], Image), "the prompt should lead straight to a picture"
     second = [k for k, s in enumerate(answer) if isinstance(s, Image)][1]
-    model, codec = pipe.unified, pipe.codec
     q = model.num_queries
 
-    def trained_condition(prompt_part, answer_part, drop_text=False):
-        """The condition training builds for the last image of prompt_part + answer_part."""
+    def teacher_forced(prompt_part, answer_part, drop_text=False):
+        """The condition and the reference latent training builds for the last image of prompt_part +
+        answer_part."""
         segments = [*prompt_part, *(Image(latent=s.latent) if isinstance(s, Image) else s for s in answer_part)]
         count = model.image_modules.compressor.num_tokens("none")
         enc = codec.encode(segments, [count] * sum(isinstance(s, Image) for s in segments),
@@ -109,7 +116,10 @@ def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline, head_i
             hidden, _ = model.run_backbone(model.embed(packed.input_ids, packed.spans, packed.latents),
                                            packed.position_ids, packed.attention_mask)
         row, span = packed.spans[-1]
-        return model.training_condition(hidden, packed, row, span)
+        return model.training_condition(hidden, packed, row, span), model.training_reference(packed, row, span)
+
+    def trained_condition(prompt_part, answer_part, drop_text=False):
+        return teacher_forced(prompt_part, answer_part, drop_text)[0]
 
     full, null, text_only = (branch[0] for branch in seen[0])
     after_image = len(codec.text_ids(" now blue:")) + 1  # and <|image_start|>
@@ -126,6 +136,21 @@ def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline, head_i
     assert second == 1, "the first picture should lead straight to the second"
     assert then.shape[0] == q + 1 + image_tokens, "the second picture reads the first, not the prompt's"
     torch.testing.assert_close(then, trained_condition(prompt, answer[: second + 1]), atol=1e-5, rtol=1e-5)
+
+    patches = model.image_tokenizer.patchify
+    if not head_reference:
+        assert all(reference is None for _, reference in references)
+        return
+    without_text = teacher_forced(prompt, first, drop_text=True)[1]
+    assert without_text is None and teacher_forced(without_images, first)[1] is None, "no image, no reference"
+    for image, latent in ((0, prompt[1].latent), (1, answer[0].latent)):
+        given = [reference for drawn, reference in references if drawn == image]
+        assert given and all(reference.shape[0] == 3 for reference in given), "one per guidance branch"
+        trained = teacher_forced(prompt, answer[: 1 + image * second])[1]
+        torch.testing.assert_close(trained, latent)
+        for reference in given:
+            torch.testing.assert_close(reference[0], patches(latent[None])[0], atol=1e-6, rtol=0)
+            assert not reference[1:].any(), "the guidance branches see no reference"
 
 
 def test_streaming_yields_segments_in_order(make_pipeline):
@@ -239,6 +264,27 @@ def test_the_last_image_reaches_the_flow_head_pooled_over_its_grid():
     assert torch.equal(pool_states(grid[:3], 4), grid[:3])
     runs = pool_states(torch.arange(6.0)[:, None], 3)
     assert runs[:, 0].tolist() == [0.5, 2.5, 4.5], "six tokens, not a grid: pairs of neighbours"
+
+
+def test_a_reference_input_starts_at_zero_and_a_head_without_one_refuses_a_reference():
+    """At zero the reference input changes no velocity, so a stage can add it to a trained head; trained off
+    zero, the reference latent steers the velocity. A head without it names the setting it lacks."""
+    from mmgen.flow_head import FlowHead
+
+    torch.manual_seed(0)
+    head = FlowHead(token_dim=16, grid_size=4, cond_dim=32, hidden_size=32, num_layers=2, num_heads=2,
+                    reference_input=True)
+    with torch.no_grad():
+        for layer in [block.ada for block in head.blocks] + [head.ada_out, head.out]:
+            torch.nn.init.normal_(layer.weight, std=0.05)
+        x, t, cond, reference = torch.randn(2, 16, 16), torch.rand(2), torch.randn(2, 3, 32), torch.randn(2, 16, 16)
+        torch.testing.assert_close(head(x, t, cond, reference=reference), head(x, t, cond), atol=0, rtol=0)
+        torch.nn.init.normal_(head.reference_in.weight, std=0.05)
+        assert not torch.allclose(head(x, t, cond, reference=reference), head(x, t, cond))
+        torch.testing.assert_close(head(x, t, cond, reference=torch.zeros_like(x)), head(x, t, cond))
+        plain = FlowHead(token_dim=16, grid_size=4, cond_dim=32, hidden_size=32, num_layers=2, num_heads=2)
+        with pytest.raises(ValueError, match="reference_input"):
+            plain(x, t, cond, reference=reference)
 
 
 def test_patch_convolutions_let_an_image_token_see_its_neighbours():
