@@ -4,6 +4,7 @@ learned resampler and its recipe, and compression inside the pipeline and the be
 from __future__ import annotations
 
 import json
+import math
 
 import PIL.Image
 import pytest
@@ -336,6 +337,20 @@ def test_resampler_recipe_trains_only_the_resampler(tokenizer, tmp_path, make_pi
     assert not torch.equal(new["model.compressor.resampler.out.weight"], torch.zeros_like(new["model.compressor.resampler.out.weight"]))
     train_resampler(args)  # a rerun logs its own rows only
     assert [json.loads(line)["step"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_retention_is_the_smaller_share_kept_of_image_to_text_and_story_consistency():
+    """A level that keeps image→text accuracy but halves story consistency keeps half, not three quarters;
+    a score the baseline has at zero, or a run did not measure, says nothing."""
+    from mmgen.evals.bench_compression import retention
+
+    none = {"i2t_accuracy": 0.8, "story_consistency": 0.6}
+    assert retention({"i2t_accuracy": 0.8, "story_consistency": 0.3}, none) == pytest.approx(0.5)
+    assert retention({"i2t_accuracy": 0.4, "story_consistency": 0.6}, none) == pytest.approx(0.5)
+    assert retention({"i2t_accuracy": 0.6, "story_consistency": float("nan")}, none) == pytest.approx(0.75)
+    assert retention({"i2t_accuracy": 0.6, "story_consistency": 0.1},
+                     {"i2t_accuracy": 0.8, "story_consistency": 0.0}) == pytest.approx(0.75)
+    assert math.isnan(retention({"i2t_accuracy": 0.6}, {"i2t_accuracy": 0.0}))
 
 
 def test_compression_bench_smoke_runs_on_a_tiny_pipeline(tokenizer, tmp_path):
