@@ -6,6 +6,8 @@
   per kind) and acceptance per drafter, and the lossless check (greedy output of every drafter
   token-identical to plain decoding). A "ceiling" row replays plain decoding's own output as the draft:
   its τ and speed bound what any drafter of the vision head's draft length can reach on these prompts.
+  A vision head whose config offers `siblings` drafts trees; its "vision-head (chain)" row is the same
+  head drafting chains, so the table shows whether the tree pays.
 - Text-only prompts on the bare backbone: our drafters against transformers' own `generate()` plain,
   with `prompt_lookup_num_tokens` and with `assistant_model` (the same draft LM our `draft-lm` uses).
 - Batch 4 with drafting against batch 4 without: identical outputs and the throughput ratio.
@@ -205,11 +207,14 @@ def available_drafters(pipe, quick: bool) -> dict[str, Drafter]:
         if head is None and quick:
             torch.manual_seed(0)
             head = VisionDraftHead(hidden_size=hidden, num_heads=4, intermediate_size=2 * hidden,
-                                   image_adaptor=name == "vision-head")
+                                   image_adaptor=name == "vision-head", siblings=2)
         if head is not None:
             drafters[name] = VisionHeadDrafter(head.to(model.device), model)
         else:
             logger.warning("no %s in %s: run `mmgen train-drafter` to include it", name, folder)
+    tree = drafters.get("vision-head")
+    if tree is not None and tree.siblings:  # the same head drafting chains: what its draft tree gains
+        drafters["vision-head (chain)"] = VisionHeadDrafter(tree.head, model, siblings=0)
     if (folder / DRAFT_LM_DIR).is_dir():
         drafters["draft-lm"] = DraftLMDrafter.from_folder(folder / DRAFT_LM_DIR, pipe.tokenizer)
     elif quick:

@@ -68,6 +68,8 @@ class DrafterTrainArguments:
     intermediate_size: int | None = field(default=None, metadata={"help": "Default: the backbone's."})
     max_draft: int = 8
     stop_below: float = 0.1
+    siblings: int = field(default=0, metadata={"help": "Greedy drafts also offer the head's next N choices at each "
+                                                       "depth, verified in the same pass (a draft tree)."})
     draft_lm_layers: int = 2
     draft_lm_hidden_size: int = 128
     draft_lm_heads: int = 4
@@ -352,7 +354,7 @@ def build_head(pipe, args: DrafterTrainArguments) -> VisionDraftHead:
     return VisionDraftHead(
         hidden_size=hidden, num_heads=args.num_heads, intermediate_size=intermediate,
         image_adaptor=args.image_adaptor, adaptor_tokens=args.adaptor_tokens, rope_theta=10000.0,
-        max_draft=args.max_draft, stop_below=args.stop_below,
+        max_draft=args.max_draft, stop_below=args.stop_below, siblings=args.siblings,
     )
 
 

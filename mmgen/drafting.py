@@ -148,11 +148,45 @@ class DraftRequest:
 
 @dataclass
 class Draft:
+    """Drafted tokens: a chain, and optionally a tree around it.
+
+    `alternatives[k]` lists other tokens for depth k, each following `tokens[:k]` as `tokens[k]` does: when
+    greedy verification rejects `tokens[k]` for one of them, that one is accepted too (`draft_tree`).
+    Sampled drafts are chains: their verification compares one q per depth."""
+
     tokens: list[int] = field(default_factory=list)
     probs: torch.Tensor | None = None  # (len(tokens), V): q of each token; None: picked deterministically
+    alternatives: list[list[int]] = field(default_factory=list)
 
     def truncated(self, n: int) -> Draft:
-        return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n])
+        return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n], self.alternatives[:n])
+
+
+def draft_tree(draft: Draft) -> tuple[list[int], list[int], torch.Tensor]:
+    """How a draft is verified in one target pass after the pending token: the tokens (the chain, then each
+    depth's alternatives), their depths (1 for the token right after the pending one), and which of
+    [pending, *tokens] each of [pending, *tokens] attends to: its ancestors and itself."""
+    chain = len(draft.tokens)
+    tokens, depths, parents = list(draft.tokens), list(range(1, chain + 1)), list(range(chain))
+    for depth, others in enumerate(draft.alternatives[:chain]):
+        tokens += others
+        depths += [depth + 1] * len(others)
+        parents += [depth] * len(others)  # the chain's token before it (0: the pending token)
+    sees = torch.eye(len(tokens) + 1, dtype=torch.bool)
+    for k, parent in enumerate(parents, start=1):
+        sees[k] |= sees[parent]
+    return tokens, depths, sees
+
+
+def accepted_alternative(draft: Draft, accepted: int, target_token: int) -> int | None:
+    """Where in `draft_tree`'s tokens the alternative sits that the target chose where it rejected the chain
+    (after `accepted` chain tokens), or None when it chose none of them."""
+    if accepted >= len(draft.tokens) or accepted >= len(draft.alternatives):
+        return None
+    others = draft.alternatives[accepted]
+    if target_token not in others:
+        return None
+    return len(draft.tokens) + sum(len(a) for a in draft.alternatives[:accepted]) + others.index(target_token)
 
 
 class Drafter:
@@ -215,12 +249,15 @@ def clip_draft(draft: Draft, max_tokens: int, stop_ids: set[int], vocab_size: in
     past `<|image_start|>` or EOS: the target's own token decides those), with q over the target's vocabulary.
 
     Cutting a sampled draft short keeps verification exact: the token after the cut comes from p alone."""
+
+    def ordinary(token: int) -> bool:
+        return token not in stop_ids and 0 <= token < vocab_size
+
     n = 0
-    while n < min(max_tokens, len(draft.tokens)) and draft.tokens[n] not in stop_ids and (
-        0 <= draft.tokens[n] < vocab_size
-    ):
+    while n < min(max_tokens, len(draft.tokens)) and ordinary(draft.tokens[n]):
         n += 1
     draft = draft.truncated(n)
+    draft.alternatives = [[t for t in others if ordinary(t)] for others in draft.alternatives]
     if draft.probs is not None and draft.probs.shape[-1] != vocab_size:
         width = min(vocab_size, draft.probs.shape[-1])
         probs = draft.probs.new_zeros(len(draft.tokens), vocab_size)
@@ -530,6 +567,7 @@ class VisionDraftHead(ModelMixin, ConfigMixin):
         norm_eps: float = 1e-6,
         max_draft: int = 8,
         stop_below: float = 0.1,
+        siblings: int = 0,
     ):
         super().__init__()
         d = hidden_size
@@ -627,17 +665,20 @@ class VisionHeadDrafter(Drafter):
     hidden states as they arrive, batched over the rows that draft together.
 
     Drafting stops at `max_draft` tokens or when the product of the head's top probabilities falls below
-    `stop_below` (a cheap stand-in for EAGLE-2's confidence-shaped drafts).
+    `stop_below` (a cheap stand-in for EAGLE-2's confidence-shaped drafts). Greedy drafts also carry the
+    head's next `siblings` choices at every depth (`Draft.alternatives`): the target verifies them in the
+    same pass, and where it rejects the head's first choice it often picks its second.
     """
 
     name = "vision-head"
 
     def __init__(self, head: VisionDraftHead, model, max_draft: int | None = None, stop_below: float | None = None,
-                 seed: int = 0):
+                 siblings: int | None = None, seed: int = 0):
         self.head = head.eval()
         self.model = model  # the UnifiedModel: token embeddings and LM head of the target
         self.max_draft = max_draft if max_draft is not None else head.config.max_draft
         self.stop_below = stop_below if stop_below is not None else head.config.stop_below
+        self.siblings = siblings if siblings is not None else head.config.siblings
         self.seed = seed
 
     def start(self, batch_size: int, sampling: Sampling) -> None:
@@ -687,8 +728,11 @@ class VisionHeadDrafter(Drafter):
         stops = torch.tensor(sorted(self.sampling.stops), dtype=torch.long, device=device)
         for step in range(int(limits.max())):
             logits = self.sampling.mask(self.model.logits(features[active]))
+            others = None
             if self.sampling.greedy:
-                top, tokens = logits.softmax(-1).max(-1)
+                best, ranked = logits.softmax(-1).topk(1 + self.siblings, dim=-1)
+                top, tokens = best[:, 0], ranked[:, 0]
+                others = ranked[:, 1:].tolist() if self.siblings else None
                 q = None
             else:
                 q = self.sampling.probs(logits)
@@ -697,6 +741,8 @@ class VisionHeadDrafter(Drafter):
             for j, (a, token) in enumerate(zip(active.tolist(), tokens.tolist())):
                 draft = drafts[live[a]]
                 draft.tokens.append(token)
+                if others is not None:
+                    draft.alternatives.append(others[j])
                 if q is not None:
                     draft.probs = q[j : j + 1] if draft.probs is None else torch.cat([draft.probs, q[j : j + 1]])
             confidence[active] *= top

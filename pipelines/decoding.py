@@ -28,6 +28,7 @@ class Chunk:
     keep: torch.Tensor  # (n,) bool: may later tokens attend to this position?
     ids: list[int] | None = None
     modality: list[int] | None = None
+    sees: torch.Tensor | None = None  # (n, n) bool: which of its own positions each one attends to (None: causal)
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
@@ -58,6 +59,8 @@ class BatchCache:
         positions = torch.zeros(self.batch_size, width, dtype=torch.long, device=device)
         real = torch.zeros(self.batch_size, width, dtype=torch.bool, device=device)
         keep = torch.zeros(self.batch_size, width, dtype=torch.bool, device=device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril_()
+        inside = causal.repeat(self.batch_size, 1, 1)
         for row, chunk in enumerate(chunks):
             if chunk is None or len(chunk) == 0:
                 continue
@@ -67,11 +70,12 @@ class BatchCache:
             positions[row, n:] = chunk.positions[-1]
             real[row, :n] = True
             keep[row, :n] = chunk.keep
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril_()
+            if chunk.sees is not None:
+                inside[row, :n, :n] = chunk.sees
         eye = torch.eye(width, dtype=torch.bool, device=device)
-        # A new token sees visible cached positions and the real tokens of its own chunk before it;
-        # padding sees only itself, so no query row of the mask is empty.
-        new_part = causal[None] & (real[:, None, :] | eye[None])
+        # A new token sees visible cached positions and the real tokens of its own chunk before it (those its
+        # `sees` allows); padding sees only itself, so no query row of the mask is empty.
+        new_part = inside & (real[:, None, :] | eye[None])
         new_part &= real[:, :, None] | eye[None]
         past_part = self.visible[:, None, :].expand(-1, width, -1) & real[:, :, None]
         allowed = torch.cat([past_part, new_part], dim=-1)
@@ -83,9 +87,9 @@ class BatchCache:
         self.trim()
         return [None if c is None or len(c) == 0 else hidden[row, : len(c)] for row, c in enumerate(chunks)]
 
-    def hide(self, row: int, start: int, end: int | None = None) -> None:
-        """Make cached positions [start, end) of `row` invisible to later tokens."""
-        self.visible[row, start:end] = False
+    def hide(self, row: int, positions: slice | list[int]) -> None:
+        """Make cached positions (a slice or a list of indices) of `row` invisible to later tokens."""
+        self.visible[row, positions] = False
 
     def trim(self) -> None:
         """Crop trailing positions that no row can see."""

@@ -457,7 +457,7 @@ class MMGenPipeline(DiffusionPipeline):
             draft.start(len(rows), sampling)
             for row, chunk in zip(rows, chunks):
                 self._tell_drafter(draft, row.index, chunk, hidden[row.index])
-        for row, tokens in zip(rows, self._choose_tokens(rows, hidden, {}, max_images, sampling)):
+        for row, (tokens, _) in zip(rows, self._choose_tokens(rows, hidden, {}, max_images, sampling)):
             self._take_tokens(row, tokens)
         stats.prefill_seconds = time.perf_counter() - started
         stats.first_tokens = sum(r.new_tokens for r in rows)
@@ -482,23 +482,24 @@ class MMGenPipeline(DiffusionPipeline):
             speaking = [r for r in active if phases[r.index] in (TEXT, FEEDBACK)]
             entering = [r for r in active if phases[r.index] == IMAGE]
             chosen = self._choose_tokens(speaking, [hidden[r.index] for r in speaking], drafts, max_images, sampling)
-            for row, tokens in zip(speaking, chosen):
+            for row, (tokens, path) in zip(speaking, chosen):
                 if phases[row.index] == FEEDBACK:
                     row.text_states = None  # the image just appended ends the row's text before the next image
                     self._keep_image_states(row, row.chunk, hidden[row.index])
                 consumed = self._take_tokens(row, tokens)
+                kept = [0, *path[:consumed]]  # where in a TEXT chunk the tokens now in the context sit
                 if phases[row.index] == TEXT:
-                    self._keep_text_states(row, hidden[row.index][: 1 + consumed])
-                proposal = drafts.get(row.index)
-                if proposal is not None:
-                    # Verification: drafted tokens past the accepted ones leave the context for good.
-                    cache.hide(row.index, offset + 1 + consumed, offset + 1 + len(proposal.tokens))
-                    draft.feedback(row.index, len(proposal.tokens), len(tokens) - 1)
-                    stats.drafted_tokens += len(proposal.tokens)
+                    self._keep_text_states(row, hidden[row.index][kept])
+                if row.index in drafts:
+                    # Verification: drafted tokens that were not accepted leave the context for good.
+                    verified = len(row.chunk) - 1
+                    cache.hide(row.index, [offset + k for k in range(1, verified + 1) if k not in kept])
+                    draft.feedback(row.index, verified, len(tokens) - 1)
+                    stats.drafted_tokens += verified
                     stats.accepted_tokens += len(tokens) - 1
                 if draft is not None:
-                    kept = 1 + consumed if phases[row.index] == TEXT else None
-                    self._tell_drafter(draft, row.index, row.chunk, hidden[row.index], kept)
+                    self._tell_drafter(draft, row.index, row.chunk, hidden[row.index],
+                                       kept if phases[row.index] == TEXT else None)
             cache.trim()
             if draft is not None:
                 for row in entering:
@@ -580,9 +581,11 @@ class MMGenPipeline(DiffusionPipeline):
         return out
 
     def _tell_drafter(self, draft: drafting.Drafter, index: int, chunk: Chunk, hidden: torch.Tensor,
-                      length: int | None = None) -> None:
-        """Show the drafter the kept positions among the first `length` of a chunk the target just ran."""
-        kept = [i for i, keep in enumerate(chunk.keep[:length].tolist()) if keep]
+                      positions: list[int] | None = None) -> None:
+        """Show the drafter the kept positions of a chunk the target just ran (among `positions`, in order;
+        None: all)."""
+        keep = chunk.keep.tolist()
+        kept = [i for i in (range(len(chunk)) if positions is None else positions) if keep[i]]
         draft.extend(index, drafting.ContextUpdate(
             ids=[chunk.ids[i] for i in kept],
             positions=chunk.positions[kept].tolist(),
@@ -591,29 +594,29 @@ class MMGenPipeline(DiffusionPipeline):
         ))
 
     def _choose_tokens(self, rows: list[_Row], hidden: list[torch.Tensor], drafts: dict[int, drafting.Draft],
-                       max_images: int, sampling: drafting.Sampling) -> list[list[int]]:
-        """The tokens each row emits after a forward: its accepted drafted tokens, then the target's own.
+                       max_images: int, sampling: drafting.Sampling) -> list[tuple[list[int], list[int]]]:
+        """The tokens each row emits after a forward (its accepted drafted tokens, then the target's own), and
+        where in its chunk the accepted drafted ones sit.
 
-        `hidden[k]` holds the hidden states of row k's chunk; a drafted row's chunk is [pending, d_1..d_n].
-        Without drafts this is plain decoding: one token from the last position.
+        `hidden[k]` holds the hidden states of row k's chunk; a drafted row's chunk is [pending, d_1..d_n,
+        alternatives] (`drafting.draft_tree`). Without drafts this is plain decoding: one token from the last
+        position.
         """
         if not rows:
             return []
-        ids = self.codec.ids
         proposals = [drafts.get(r.index) for r in rows]
         lengths = [len(p.tokens) if p is not None else 0 for p in proposals]
         width = max(lengths)
+        chain_ends = [1 + n if p is not None else len(h) for h, n, p in zip(hidden, lengths, proposals)]
         states = torch.stack([
-            torch.cat([h[len(h) - n - 1:], h.new_zeros(width - n, h.shape[-1])]) for h, n in zip(hidden, lengths)
+            torch.cat([h[end - n - 1: end], h.new_zeros(width - n, h.shape[-1])])
+            for h, n, end in zip(hidden, lengths, chain_ends)
         ])
-        logits = sampling.mask(self.unified.logits(states))  # (B, width + 1, V)
-        for k, row in enumerate(rows):
-            if row.images >= max_images:
-                logits[k, :, ids.image_start] = float("-inf")
+        logits = self._allowed_logits(rows, states, max_images, sampling)  # (B, width + 1, V)
         generators = [r.generator for r in rows]
         if width == 0:
             tokens = sample_tokens(logits[:, 0], sampling.temperature, sampling.top_k, sampling.top_p, generators)
-            return [[t] for t in tokens.tolist()]
+            return [([t], []) for t in tokens.tolist()]
         device = logits.device
         drafted = torch.tensor([(p.tokens if p else []) + [0] * (width - n) for p, n in zip(proposals, lengths)],
                                device=device)
@@ -627,7 +630,29 @@ class MMGenPipeline(DiffusionPipeline):
         accepted, following = drafting.verify_drafts(
             logits, drafted, torch.tensor(lengths, device=device), sampling, generators, draft_probs
         )
-        return [drafted[k, :a].tolist() + [t] for k, (a, t) in enumerate(zip(accepted.tolist(), following.tolist()))]
+        chosen = []
+        for k, (a, t) in enumerate(zip(accepted.tolist(), following.tolist())):
+            tokens, path = drafted[k, :a].tolist(), list(range(1, a + 1))
+            alternative = drafting.accepted_alternative(proposals[k], a, t) if proposals[k] is not None else None
+            if alternative is not None and sampling.greedy:
+                # The target chose a token drafted beside the rejected one: it was verified in this pass too,
+                # so the target's token after it comes from its own state.
+                tokens.append(t)
+                path.append(1 + alternative)
+                state = hidden[k][1 + alternative][None, None]
+                t = int(self._allowed_logits(rows[k: k + 1], state, max_images, sampling)[0, 0].argmax())
+            chosen.append((tokens + [t], path))
+        return chosen
+
+    def _allowed_logits(self, rows: list[_Row], states: torch.Tensor, max_images: int,
+                        sampling: drafting.Sampling) -> torch.Tensor:
+        """The target's logits (B, T, V) at states (B, T, d) of `rows`, masked as decoding masks them: the
+        sampling's banned tokens, and `<|image_start|>` for a row that has drawn `max_images`."""
+        logits = sampling.mask(self.unified.logits(states))
+        for k, row in enumerate(rows):
+            if row.images >= max_images:
+                logits[k, :, self.codec.ids.image_start] = float("-inf")
+        return logits
 
     def _take_tokens(self, row: _Row, tokens: list[int]) -> int:
         """Accept a row's emitted tokens in order until one ends its TEXT phase; returns how many drafted
@@ -659,16 +684,19 @@ class MMGenPipeline(DiffusionPipeline):
         row.phase = DONE if row.new_tokens >= row.max_new_tokens else TEXT
 
     def _text_chunk(self, row: _Row, proposal: drafting.Draft | None = None) -> Chunk:
-        """The pending token, followed by the drafted tokens to verify if there are any."""
+        """The pending token, followed by the drafted tokens to verify if there are any (a chain, or a tree:
+        `drafting.draft_tree`)."""
         model = self.unified
-        tokens = [row.pending_token] + (proposal.tokens if proposal is not None else [])
+        drafted, depths, sees = drafting.draft_tree(proposal) if proposal is not None else ([], [], None)
+        tokens = [row.pending_token] + drafted
         n = len(tokens)
         chunk = Chunk(
             embeds=model.text_embeddings(torch.tensor(tokens, device=model.device)),
-            positions=torch.arange(row.next_position, row.next_position + n, device=model.device),
+            positions=row.next_position + torch.tensor([0, *depths], device=model.device),
             keep=torch.ones(n, dtype=torch.bool, device=model.device),
             ids=tokens,
             modality=[TEXT_TOKEN] * n,
+            sees=None if sees is None else sees.to(model.device),
         )
         row.text_only_ids.append(row.pending_token)
         row.next_position += 1

@@ -75,17 +75,28 @@ class Recorder(Drafter):
         return [Draft() for _ in requests]
 
 
+def wrong(token: int, shift: int = 1) -> int:
+    """An ordinary token other than `token`."""
+    return 10 + (token - 10 + shift) % 400 if 10 <= token < 410 else 10 + shift
+
+
 class Oracle(Drafter):
     """Knows plain decoding's text (from a `Recorder`) and drafts it, with the last token wrong in every
-    `wrong_every`-th draft: so drafts get accepted in full, in part, and not at all."""
+    `wrong_every`-th draft: so drafts get accepted in full, in part, and not at all.
 
-    def __init__(self, truth: list[list[int]], length: int = 5, wrong_every: int = 4):
-        self.truth, self.length, self.wrong_every = truth, length, wrong_every
+    With `middle` the wrong token sits mid-draft. With `tree` every depth also drafts a wrong alternative, and
+    the wrong token's depth the right one too: greedy verification must take that one and no other."""
+
+    def __init__(self, truth: list[list[int]], length: int = 5, wrong_every: int = 4, middle: bool = False,
+                 tree: bool = False):
+        self.truth, self.length, self.wrong_every, self.middle, self.tree = truth, length, wrong_every, middle, tree
 
     def start(self, batch_size, sampling):
         super().start(batch_size, sampling)
         self.seen = [0] * batch_size
         self.calls = 0
+        self.wrong_at: list[int | None] = [None] * batch_size  # the depth of the last draft's wrong token
+        self.verdicts: list[tuple[int, int]] = []  # (depth of the wrong token, tokens accepted) per wrong draft
 
     def extend(self, row, update):
         self.seen[row] += sum(m == TEXT for m in update.modality)
@@ -95,10 +106,21 @@ class Oracle(Drafter):
         for req in requests:
             self.calls += 1
             truth = self.truth[req.row][self.seen[req.row] + 1 : self.seen[req.row] + 1 + self.length]
+            draft = list(truth)
+            at = len(truth) // 2 if self.middle else len(truth) - 1
+            self.wrong_at[req.row] = None
             if self.calls % self.wrong_every == 0 and truth:
-                truth[-1] = 10 + (truth[-1] + 1) % 400 if truth[-1] != 10 else 11
-            drafts.append(Draft(list(truth)))
+                draft[at] = wrong(truth[at])
+                self.wrong_at[req.row] = at
+            alternatives = [[wrong(t, 2)] for t in draft] if self.tree else []
+            if alternatives and draft != truth:
+                alternatives[at].append(truth[at])
+            drafts.append(Draft(draft, alternatives=alternatives))
         return drafts
+
+    def feedback(self, row, drafted, accepted):
+        if self.wrong_at[row] is not None:
+            self.verdicts.append((self.wrong_at[row], accepted))
 
 
 def plain_tokens(pipe, prompts, **kwargs) -> tuple[list, list[list[int]]]:
@@ -116,6 +138,24 @@ def test_greedy_verification_accepts_the_longest_agreeing_prefix_then_the_target
     accepted, following = verify_drafts(logits, drafts, torch.tensor([3, 3, 2]), Sampling())
     assert accepted.tolist() == [3, 1, 0]
     assert following.tolist() == [5, 3, 2]
+
+
+def test_a_draft_tree_puts_alternatives_after_the_chain_each_seeing_only_its_ancestors():
+    from mmgen.drafting import accepted_alternative, draft_tree
+
+    draft = Draft([5, 6, 7], alternatives=[[50], [], [70, 71]])
+    tokens, depths, sees = draft_tree(draft)
+    assert tokens == [5, 6, 7, 50, 70, 71] and depths == [1, 2, 3, 1, 3, 3]
+    # [pending, 5, 6, 7, 50, 70, 71]: the chain is causal; 50 sees the pending token, 70 and 71 also 5 and 6.
+    assert sees[:4, :4].equal(torch.ones(4, 4, dtype=torch.bool).tril())
+    assert sees[4].nonzero().flatten().tolist() == [0, 4]
+    assert sees[5].nonzero().flatten().tolist() == [0, 1, 2, 5]
+    assert sees[6].nonzero().flatten().tolist() == [0, 1, 2, 6]
+    assert not sees[:4, 4:].any(), "the chain never sees an alternative"
+    assert accepted_alternative(draft, 0, 50) == 3 and accepted_alternative(draft, 2, 71) == 5
+    assert accepted_alternative(draft, 1, 50) is None, "an alternative counts only at its own depth"
+    assert accepted_alternative(draft, 3, 70) is None, "the whole chain was accepted"
+    assert draft_tree(Draft([5, 6]))[2].equal(torch.ones(3, 3, dtype=torch.bool).tril())
 
 
 def first_tokens(p0: torch.Tensor, drafts: torch.Tensor, logits: torch.Tensor, sampling: Sampling,
@@ -184,6 +224,10 @@ def test_sampled_drafting_is_reproducible_with_seeds_and_the_same_drafter_state(
         second = pipe(["tell a story.", "draw."], generator=seeded(2), drafter=drafter(), **kwargs)
         assert first.text == second.text
         assert pipe.last_stats.text_tokens > 0
+    # Sampled drafts are chains: a head set to draft trees samples exactly as one that is not.
+    chains, trees = (pipe(["tell a story.", "draw."], generator=seeded(2), **kwargs,
+                          drafter=VisionHeadDrafter(pipe.drafter, pipe.unified, siblings=n)) for n in (0, 2))
+    assert chains.text == trees.text
 
 
 # -- greedy decoding is lossless -------------------------------------------------------------------------
@@ -198,15 +242,21 @@ def test_greedy_drafting_is_token_identical_to_plain_decoding(make_pipeline, tok
         "ngram": "ngram",
         "draft-lm": DraftLMDrafter(tiny_backbone("llama", tokenizer, seed=3)),
         "vision-head": "vision-head",
+        "vision-head tree": VisionHeadDrafter(pipe.drafter, pipe.unified, siblings=2),
         "oracle": Oracle(truth),
+        "oracle, wrong mid-draft": Oracle(truth, middle=True),
+        "oracle tree": Oracle(truth, middle=True, tree=True),
     }
     for name, drafter in drafters.items():
         out = pipe(prompt, drafter=drafter, generator=seeded(), **GREEDY)
         assert same_rows(out.segments, plain), f"{name} changed the output"
-        if name == "oracle":
-            stats = pipe.last_stats
+        stats = pipe.last_stats
+        if name.startswith("oracle"):
             assert stats.accepted_tokens > 0 and stats.accepted_tokens < stats.drafted_tokens
             assert stats.tau > 1.5 and stats.text_forwards < stats.text_tokens
+    chain, tree = drafters["oracle, wrong mid-draft"].verdicts, drafters["oracle tree"].verdicts
+    assert chain and all(accepted <= at for at, accepted in chain), "a chain stops at its wrong token"
+    assert tree and any(accepted == at + 1 for at, accepted in tree), "a tree takes the right token beside it"
 
 
 def test_plain_decoding_has_tau_one(make_pipeline):
@@ -254,7 +304,8 @@ def test_batch_with_drafting_equals_batch_1_greedy(make_pipeline, head_text_toke
         out = pipe([prompt], generator=seeded(base=5 + k), **GREEDY)
         singles.append(signature(out.segments[0]))
     _, truth = plain_tokens(pipe, prompts, **GREEDY)
-    for drafter in ("ngram", "vision-head", Oracle(truth)):
+    for drafter in ("ngram", "vision-head", Oracle(truth), Oracle(truth, middle=True, tree=True),
+                    VisionHeadDrafter(pipe.drafter, pipe.unified, siblings=2)):
         out = pipe(prompts, drafter=drafter, generator=seeded(len(prompts)), **GREEDY)
         assert same_rows(out.segments, singles), f"{drafter} in a batch changed a row"
 
@@ -446,6 +497,7 @@ def test_drafting_bench_case_runs_quick_and_reports_its_ratios(make_pipeline, tm
                                   "best_vs_hf_assisted", "best_vs_hf_prompt_lookup", "batch4_drafting_vs_plain"}
     grounded = [row for row in result.rows if row["workload"] != "text-only"]
     assert all(row["identical_to_plain"] == 1.0 for row in grounded), "drafting must not change greedy output"
+    assert {"vision-head", "vision-head (chain)"} <= {r["drafter"] for r in grounded}, "a tree, beside its chain"
     assert next(r for r in result.rows if r["drafter"] == "hf plain")["matches_ours"] == 1.0
     plain = next(r for r in grounded if r["drafter"] == "plain")
     assert all(plain[f"tau_{kind}"] == 1.0 for kind in ("caption", "qa", "story")), plain
