@@ -266,6 +266,22 @@ def test_the_last_image_reaches_the_flow_head_pooled_over_its_grid():
     assert runs[:, 0].tolist() == [0.5, 2.5, 4.5], "six tokens, not a grid: pairs of neighbours"
 
 
+def test_the_reference_latent_stays_whole_when_context_images_are_compressed(make_pipeline):
+    """Compression shrinks what a context image costs the backbone; the flow head's reference is one latent
+    per row beside it, so it reaches the head whole at every level."""
+    pipe = make_pipeline("llama", image_scale=50.0, head_reference=True)
+    prompt = pipe.encode_images([Image(image=PIL.Image.new("RGB", (16, 16), (30, 30, 200))), Text(" now red:")])
+    model = pipe.unified
+    given, velocity = [], model.velocity
+    model.velocity = lambda *args: given.append(args[4]) or velocity(*args)
+    pipe([prompt], max_new_tokens=2, num_inference_steps=1, max_images=1, compression="pool:4",
+         output_type="latent")
+    del model.velocity
+    assert pipe.last_stats.tokens_per_context_image == 1
+    assert given and given[0].shape[1] == model.image_modules.config.grid_size ** 2
+    torch.testing.assert_close(given[0][0], model.image_tokenizer.patchify(prompt[0].latent[None])[0])
+
+
 def test_a_reference_input_starts_at_zero_and_a_head_without_one_refuses_a_reference():
     """At zero the reference input changes no velocity, so a stage can add it to a trained head; trained off
     zero, the reference latent steers the velocity. A head without it names the setting it lacks."""
