@@ -313,25 +313,25 @@ class UnifiedModel(nn.Module):
         before = [other for other_row, other in batch.spans if other_row == row and begin <= other.end < span.start]
         return max(before, key=lambda other: other.end, default=None)
 
-    def training_condition(self, hidden: torch.Tensor, batch: PackedBatch, row: int, span: ImageSpan) -> torch.Tensor:
-        """The flow-head condition of a generated image in a teacher-forced pass, as the pipeline builds it.
+    def training_head_inputs(self, hidden: torch.Tensor, batch: PackedBatch, row: int,
+                             span: ImageSpan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The flow-head condition and reference latent (None: none) of a generated image in a teacher-forced
+        pass, as the pipeline builds them.
 
         The text it reads runs from its sequence's start or the previous image's `<|image_end|>`, whichever is
-        later, through its `<|image_start|>`. A text-dropout image sees nothing before it (as the pipeline's
-        null branch): it reads its `<|image_start|>` alone, and no earlier image."""
+        later, through its `<|image_start|>`; that previous image is also its reference. A text-dropout image
+        sees nothing before it (as the pipeline's null branch): it reads its `<|image_start|>` alone, and has
+        no earlier image and no reference."""
         queries = hidden[row, span.query_slice]
         if span.drop_text:
-            return self.head_condition(queries, hidden[row, span.start: span.start + 1])
+            return self.head_condition(queries, hidden[row, span.start: span.start + 1]), None
         previous = self.previous_image(batch, row, span)
-        begin = previous.end + 1 if previous is not None else _sequence_start(batch, row, span.start)
-        image = hidden[row, previous.vision_slice] if previous is not None else None
-        return self.head_condition(queries, hidden[row, begin: span.start + 1], image)
-
-    def training_reference(self, batch: PackedBatch, row: int, span: ImageSpan) -> torch.Tensor | None:
-        """The reference latent of a generated image in a teacher-forced pass, as the pipeline picks it: the
-        latest image before it in its sequence; none for a text-dropout image, which sees nothing before it."""
-        previous = None if span.drop_text else self.previous_image(batch, row, span)
-        return batch.latents[previous.latent_index] if previous is not None else None
+        if previous is None:
+            begin = _sequence_start(batch, row, span.start)
+            return self.head_condition(queries, hidden[row, begin: span.start + 1]), None
+        condition = self.head_condition(queries, hidden[row, previous.end + 1: span.start + 1],
+                                        hidden[row, previous.vision_slice])
+        return condition, batch.latents[previous.latent_index]
 
     # -- training -------------------------------------------------------------------------------
     def forward(
@@ -357,11 +357,11 @@ class UnifiedModel(nn.Module):
             text_loss = hidden.sum() * 0.0
         generated = [(row, span) for row, span in batch.spans if span.num_queries]
         if generated:
-            cond, cond_mask = pad_conditions([self.training_condition(hidden, batch, row, span)
-                                              for row, span in generated])
+            inputs = [self.training_head_inputs(hidden, batch, row, span) for row, span in generated]
+            cond, cond_mask = pad_conditions([condition for condition, _ in inputs])
             x0 = self.image_tokenizer.patchify(torch.stack([batch.latents[s.latent_index] for _, s in generated]))
             x0 = x0.to(cond.dtype).repeat(flow_repeats, 1, 1)
-            reference = self.reference_patches([self.training_reference(batch, row, s) for row, s in generated])
+            reference = self.reference_patches([latent for _, latent in inputs])
             if reference is not None:
                 reference = reference.repeat(flow_repeats, 1, 1)
             cond = cond.repeat(flow_repeats, 1, 1)

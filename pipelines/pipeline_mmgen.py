@@ -827,14 +827,14 @@ class MMGenPipeline(DiffusionPipeline):
         `reference` (B, N, token_dim), from `UnifiedModel.reference_patches`, goes to the full branch alone:
         the guidance branches see no context image, as their training counterparts do."""
 
+        padded = {}  # branch count -> the references of all branches, built once rather than at every flow step
+
         def velocities(x: torch.Tensor, t: torch.Tensor, branches: list) -> list[torch.Tensor]:
             n = len(branches)
             cond, mask = pad_conditions([c for branch in branches for c in branch])
-            references = None
-            if reference is not None:
-                references = torch.cat([reference, reference.new_zeros((n - 1) * reference.shape[0],
-                                                                       *reference.shape[1:])])
-            return list(self.unified.velocity(x.repeat(n, 1, 1), t.repeat(n), cond, mask, references).chunk(n))
+            if reference is not None and n not in padded:
+                padded[n] = torch.cat([reference, reference.new_zeros((n - 1) * len(reference), *reference.shape[1:])])
+            return list(self.unified.velocity(x.repeat(n, 1, 1), t.repeat(n), cond, mask, padded.get(n)).chunk(n))
 
         return velocities
 

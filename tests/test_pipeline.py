@@ -116,7 +116,7 @@ def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline, head_i
             hidden, _ = model.run_backbone(model.embed(packed.input_ids, packed.spans, packed.latents),
                                            packed.position_ids, packed.attention_mask)
         row, span = packed.spans[-1]
-        return model.training_condition(hidden, packed, row, span), model.training_reference(packed, row, span)
+        return model.training_head_inputs(hidden, packed, row, span)
 
     def trained_condition(prompt_part, answer_part, drop_text=False):
         return teacher_forced(prompt_part, answer_part, drop_text)[0]
