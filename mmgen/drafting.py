@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from einops import rearrange
 from torch import nn
 from transformers import DynamicCache
 
@@ -588,6 +587,7 @@ class VisionDraftHead(ModelMixin, ConfigMixin):
             self.image_global = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
             nn.init.zeros_(self.image_global[2].weight)  # starts as the head without images
             nn.init.zeros_(self.image_global[2].bias)
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_heads(self) -> int:
@@ -648,16 +648,69 @@ class VisionDraftHead(ModelMixin, ConfigMixin):
         """x (B, T, d) at positions (B, T) → predicted next features (B, T, d), and this step's keys and
         values (B, H, T, Dh). `mask` (B, T, P + T) says which of the P past and T new items each item sees
         (None: all of them)."""
-        h = self.attn_norm(x)
-        q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.num_heads)
-        cos, sin = (t.to(q.dtype) for t in rotary_tables(positions[:, None], q.shape[-1], self.config.rope_theta))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # one table for both
+        q, k, v = self.project(x, positions)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        return self.attend(x, q, keys, values, mask), k, v
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's rotated queries and keys, and its values (B, H, T, Dh), of x (B, T, d) at positions."""
+        b, t, d = x.shape
+        qkv = self.qkv(self.attn_norm(x)).view(b, t, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        cos, sin = (table[:, None].to(q.dtype) for table in self.rotary(positions))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v  # one table for both
+
+    def attend(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """The rest of the layer after `project`, with the queries attending to `keys` and `values`."""
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask[:, None])
-        x = x + self.out(rearrange(attended, "b h t e -> b t (h e)"))
+        x = x + self.out(attended.transpose(1, 2).reshape(x.shape))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         x = x + self.down(F.silu(gate) * up)
-        return self.final_norm(x), k, v
+        return self.final_norm(x)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (..., T, Dh) at positions (..., T), read from a table built once and grown when a
+        position passes its end: a draft step then costs one lookup instead of the table's six ops."""
+        needed = int(positions.max()) + 1
+        table = self._rotary
+        if table is None or table[0].shape[0] < needed or table[0].device != positions.device:
+            size = max(needed, 1024, 0 if table is None else 2 * table[0].shape[0])
+            dim = self.config.hidden_size // self.num_heads
+            table = rotary_tables(torch.arange(size, device=positions.device), dim, self.config.rope_theta)
+            self._rotary = table
+        return table[0][positions], table[1][positions]
+
+
+class RowCache:
+    """One row's keys and values (H, T, Dh) in the draft head's layer, in buffers that double when full, so
+    a draft step writes only its own keys. Items past `true_length` are drafted ones, dropped at the next
+    ingest."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+        self.true_length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, true: bool) -> None:
+        n = k.shape[1]
+        if self.keys is None or self.length + n > self.keys.shape[1]:
+            capacity = max(64, 2 * (self.length + n))
+            keys, values = (t.new_empty(t.shape[0], capacity, t.shape[2]) for t in (k, v))
+            if self.length:
+                keys[:, : self.length], values[:, : self.length] = self.view()
+            self.keys, self.values = keys, values
+        self.keys[:, self.length : self.length + n], self.values[:, self.length : self.length + n] = k, v
+        self.length += n
+        if true:
+            self.true_length = self.length
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[:, : self.length], self.values[:, : self.length]
+
+    def drop_drafted(self) -> None:
+        self.length = self.true_length
 
 
 class VisionHeadDrafter(Drafter):
@@ -685,9 +738,7 @@ class VisionHeadDrafter(Drafter):
         super().start(batch_size, sampling)
         self.walkers = [ItemWalker(self.head.config.image_adaptor) for _ in range(batch_size)]
         self.queued: list[list] = [[] for _ in range(batch_size)]
-        self.keys: list[torch.Tensor | None] = [None] * batch_size  # (H, T, Dh) per row
-        self.values: list[torch.Tensor | None] = [None] * batch_size
-        self.true_length = [0] * batch_size  # items past this are drafted ones, dropped at the next ingest
+        self.caches = [RowCache() for _ in range(batch_size)]
         self.globals: list[dict[int, torch.Tensor]] = [{} for _ in range(batch_size)]
         self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
 
@@ -704,7 +755,7 @@ class VisionHeadDrafter(Drafter):
                 self.queued[req.row].append(item)
             x, pos = self.head.embed_items(self.queued[req.row], self.model.text_embeddings, self.globals[req.row])
             self.queued[req.row] = []
-            self._drop_drafted(req.row)
+            self.caches[req.row].drop_drafted()
             if x is not None:
                 fed.append((k, item is not None))
                 inputs.append(x)
@@ -717,46 +768,47 @@ class VisionHeadDrafter(Drafter):
         if not live:
             return drafts
         features = torch.stack([out[-1] for out, (_, ready) in zip(outs, fed) if ready])
-        device = features.device
-        position = torch.tensor([int(pos[-1]) for pos, (_, ready) in zip(positions, fed) if ready], device=device)
+        positions = [int(pos[-1]) for pos, (_, ready) in zip(positions, fed) if ready]
         rows = [requests[k].row for k in live]
         zero = features.new_zeros(features.shape[-1])
         image = torch.stack([self._global(r, zero) for r in rows])
-        limits = torch.tensor([min(requests[k].max_tokens, self.max_draft) for k in live], device=device)
-        confidence = torch.ones(len(live), device=device)
-        active = torch.arange(len(live), device=device)
-        stops = torch.tensor(sorted(self.sampling.stops), dtype=torch.long, device=device)
-        for step in range(int(limits.max())):
-            logits = self.sampling.mask(self.model.logits(features[active]))
-            others = None
+        limits = [min(requests[k].max_tokens, self.max_draft) for k in live]
+        confidence = [1.0] * len(live)
+        active = list(range(len(live)))  # the rows still drafting; features and image hold theirs only
+        # The per-row bookkeeping runs on Python numbers: a draft step costs a few tensor ops, not dozens.
+        for step in range(max(limits)):
+            logits = self.sampling.mask(self.model.logits(features))
             if self.sampling.greedy:
                 best, ranked = logits.softmax(-1).topk(1 + self.siblings, dim=-1)
-                top, tokens = best[:, 0], ranked[:, 0]
-                others = ranked[:, 1:].tolist() if self.siblings else None
-                q = None
+                top, choices = best[:, 0].tolist(), ranked.tolist()
+                tokens, q = [c[0] for c in choices], None
             else:
                 q = self.sampling.probs(logits)
-                tokens = torch.multinomial(q, 1, generator=self.generator)[:, 0]
-                top = q.gather(-1, tokens[:, None])[:, 0]
-            for j, (a, token) in enumerate(zip(active.tolist(), tokens.tolist())):
+                picked = torch.multinomial(q, 1, generator=self.generator)
+                tokens, top = picked[:, 0].tolist(), q.gather(-1, picked)[:, 0].tolist()
+            going = []
+            for j, a in enumerate(active):
                 draft = drafts[live[a]]
-                draft.tokens.append(token)
-                if others is not None:
-                    draft.alternatives.append(others[j])
+                draft.tokens.append(tokens[j])
+                if q is None and self.siblings:
+                    draft.alternatives.append(choices[j][1:])
                 if q is not None:
                     draft.probs = q[j : j + 1] if draft.probs is None else torch.cat([draft.probs, q[j : j + 1]])
-            confidence[active] *= top
-            # A row stops at its limit, when unsure, or after a token that ends drafting (EOS, <|image_start|>).
-            going = (step + 1 < limits[active]) & (confidence[active] >= self.stop_below) & ~torch.isin(tokens, stops)
-            if not going.any():
+                confidence[a] *= top[j]
+                # A row stops at its limit, when unsure, or after a token that ends drafting (EOS, <|image_start|>).
+                if step + 1 < limits[a] and confidence[a] >= self.stop_below and tokens[j] not in self.sampling.stops:
+                    going.append(j)
+            if not going:
                 break
-            active, tokens = active[going], tokens[going]
-            x = self.head.pair_inputs(features[active], self.model.text_embeddings(tokens).to(features.dtype),
-                                      image[active])
-            outs = self._run([rows[a] for a in active.tolist()], list(x[:, None]),
-                             list((position[active] + step + 1)[:, None]), true=False)
-            features = features.clone()
-            features[active] = torch.stack([out[-1] for out in outs])
+            if len(going) < len(active):
+                keep = torch.tensor(going, device=features.device)
+                features, image = features[keep], image[keep]
+            active = [active[j] for j in going]
+            token_ids = torch.tensor([tokens[j] for j in going], device=features.device)
+            x = self.head.pair_inputs(features, self.model.text_embeddings(token_ids).to(features.dtype), image)
+            outs = self._run([rows[a] for a in active], list(x[:, None]),
+                             [torch.tensor([positions[a] + step + 1], device=x.device) for a in active], true=False)
+            features = torch.cat(outs)
         return drafts
 
     def _global(self, row: int, zero: torch.Tensor) -> torch.Tensor:
@@ -767,27 +819,15 @@ class VisionHeadDrafter(Drafter):
         return self.globals[row][latest][1]
 
     def _run_one(self, row: int, x: torch.Tensor, positions: torch.Tensor, true: bool) -> torch.Tensor:
-        n = len(x)
-        past = None if self.keys[row] is None else (self.keys[row][None], self.values[row][None])
-        depth = 0 if past is None else past[0].shape[2]
+        """The head over one row's new items: their keys go straight into the row's cache, and the items
+        attend to it there."""
+        cache, n = self.caches[row], len(x)
+        depth = cache.length
+        q, k, v = self.head.project(x[None], positions[None])
+        cache.append(k[0], v[0], true)
+        keys, values = cache.view()
         mask = None if n == 1 else torch.ones(n, depth + n, dtype=torch.bool, device=x.device).tril(depth)[None]
-        out, k, v = self.head(x[None], positions[None], mask, past)
-        self._append(row, k[0], v[0], true)
-        return out[0]
-
-    def _append(self, row: int, k: torch.Tensor, v: torch.Tensor, true: bool) -> None:
-        if self.keys[row] is None:
-            self.keys[row], self.values[row] = k, v
-        else:
-            self.keys[row] = torch.cat([self.keys[row], k], 1)
-            self.values[row] = torch.cat([self.values[row], v], 1)
-        if true:
-            self.true_length[row] = self.keys[row].shape[1]
-
-    def _drop_drafted(self, row: int) -> None:
-        n = self.true_length[row]
-        if self.keys[row] is not None and self.keys[row].shape[1] > n:
-            self.keys[row], self.values[row] = self.keys[row][:, :n], self.values[row][:, :n]
+        return self.head.attend(x[None], q, keys[None], values[None], mask)[0]
 
     def _run(self, rows: list[int], inputs: list[torch.Tensor], positions: list[torch.Tensor], true: bool):
         """One batched pass of the head over each row's new items on top of its cache; returns the features."""
@@ -796,7 +836,7 @@ class VisionHeadDrafter(Drafter):
             return [self._run_one(rows[0], inputs[0], positions[0], true)]
         device, dtype = inputs[0].device, inputs[0].dtype
         heads, dim = head.num_heads, head.config.hidden_size // head.num_heads
-        past = [0 if self.keys[r] is None else self.keys[r].shape[1] for r in rows]
+        past = [self.caches[r].length for r in rows]
         width, depth = max(len(x) for x in inputs), max(past)
         x = torch.zeros(len(rows), width, head.config.hidden_size, device=device, dtype=dtype)
         pos = torch.zeros(len(rows), width, dtype=torch.long, device=device)
@@ -808,7 +848,7 @@ class VisionHeadDrafter(Drafter):
             n = len(xs)
             x[b, :n], pos[b, :n] = xs, ps
             if past[b]:
-                past_k[b, :, : past[b]], past_v[b, :, : past[b]] = self.keys[r], self.values[r]
+                past_k[b, :, : past[b]], past_v[b, :, : past[b]] = self.caches[r].view()
                 seen[b, :, : past[b]] = True
             seen[b, :, depth : depth + n] = causal[:, :n]
             seen[b, n:, depth + n :] |= torch.eye(width, dtype=torch.bool, device=device)[n:, n:]  # padding sees itself
@@ -816,6 +856,6 @@ class VisionHeadDrafter(Drafter):
         results = []
         for b, r in enumerate(rows):
             n = len(inputs[b])
-            self._append(r, k[b, :, :n], v[b, :, :n], true)
+            self.caches[r].append(k[b, :, :n], v[b, :, :n], true)
             results.append(out[b, :n])
         return results

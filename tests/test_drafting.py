@@ -28,6 +28,7 @@ from mmgen.drafting import (
     Drafter,
     DraftLMDrafter,
     NgramDrafter,
+    RowCache,
     Sampling,
     VisionDraftHead,
     VisionHeadDrafter,
@@ -138,6 +139,21 @@ def test_greedy_verification_accepts_the_longest_agreeing_prefix_then_the_target
     accepted, following = verify_drafts(logits, drafts, torch.tensor([3, 3, 2]), Sampling())
     assert accepted.tolist() == [3, 1, 0]
     assert following.tolist() == [5, 3, 2]
+
+
+def test_the_draft_head_cache_grows_past_its_buffer_and_drops_only_drafted_keys():
+    cache, keys, values = RowCache(), [], []
+    for step in range(40):  # 1-3 items a step: well past the first buffer of 64
+        k, v = torch.randn(2, 1 + step % 3, 4), torch.randn(2, 1 + step % 3, 4)
+        cache.append(k, v, true=True)
+        keys.append(k)
+        values.append(v)
+    assert torch.equal(cache.view()[0], torch.cat(keys, 1)) and torch.equal(cache.view()[1], torch.cat(values, 1))
+    true_length = cache.length
+    cache.append(torch.randn(2, 3, 4), torch.randn(2, 3, 4), true=False)
+    assert cache.length == true_length + 3
+    cache.drop_drafted()
+    assert torch.equal(cache.view()[0], torch.cat(keys, 1))
 
 
 def test_a_draft_tree_puts_alternatives_after_the_chain_each_seeing_only_its_ancestors():
@@ -413,7 +429,7 @@ def test_vision_head_follows_the_target_incrementally_as_in_training(make_pipeli
     n = len(x)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     _, keys, _ = head(x[None], positions[None], causal[None])
-    assert torch.allclose(drafter.keys[0], keys[0], atol=1e-5)
+    assert torch.allclose(drafter.caches[0].view()[0], keys[0], atol=1e-5)
 
 
 def test_vision_head_trains_and_drafts_with_tau_above_one(make_pipeline):
