@@ -98,6 +98,12 @@ class TrainArguments:
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (fp16 only on CUDA)."})
     flow_weight: float = 1.0
     flow_repeats: int = 4
+    timestep_shift: float = field(
+        default=1.0,
+        metadata={"help": "Shift of the flow loss's logit-normal t toward noise, t -> s·t / (1 + (s-1)·t), as SD3 "
+                          "shifts its sampling. Where objects go and which colour each one gets are decided at "
+                          "high t, and t > 0.8 is drawn 8% of the time at 1, 25% at 2."},
+    )
     drop_text_prob: float = 0.1
     drop_image_prob: float = 0.1
     compression_levels: list[str] = field(
@@ -110,6 +116,11 @@ class TrainArguments:
     category_weights: dict | None = field(
         default=None,
         metadata={"help": "Weights of ShapesWorld categories within their task (others 1), e.g. {position: 3}."},
+    )
+    ordered_layouts: float = field(
+        default=0.0,
+        metadata={"help": "Share of two-object ShapesWorld text-to-image scenes laid out as their prompt reads "
+                          "(see ShapesWorld)."},
     )
     init_from: str | None = field(
         default=None,

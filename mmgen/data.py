@@ -98,10 +98,11 @@ class ShapesWorldData:
         self.category_weights = args.category_weights
         if self.category_weights:
             ShapesWorld.check_category_weights(self.category_weights)
+        ShapesWorld(seed=0, size=image_size, ordered_layouts=args.ordered_layouts)  # a bad share fails here
 
     def batch(self, step: int, micro: int = 0) -> PackedBatch:
         seed = batch_seed(self.args.seed, step, micro, self.process_index)
-        world = self.world_cls(seed=seed, size=self.image_size)
+        world = self.world_cls(seed=seed, size=self.image_size, ordered_layouts=self.args.ordered_layouts)
         rng = random.Random(seed)
         pairs = []
         for _ in range(self.args.batch_size):

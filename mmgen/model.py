@@ -340,11 +340,13 @@ class UnifiedModel(nn.Module):
         flow_weight: float = 1.0,
         flow_repeats: int = 1,
         generator: torch.Generator | None = None,
+        timestep_shift: float = 1.0,
     ) -> LossOutput:
         """Text cross-entropy + flow_weight · rectified-flow MSE, in one teacher-forced pass.
 
         Each generated image's flow loss is averaged over `flow_repeats` draws of (t, noise): the head
-        is small next to the backbone, so extra draws per backbone pass are nearly free.
+        is small next to the backbone, so extra draws per backbone pass are nearly free. t is logit-normal,
+        shifted toward noise by `timestep_shift` (see TrainArguments).
         """
         emb = self.embed(batch.input_ids, batch.spans, batch.latents)
         hidden, _ = self.run_backbone(emb, batch.position_ids, batch.attention_mask.to(emb.dtype))
@@ -367,6 +369,7 @@ class UnifiedModel(nn.Module):
             cond = cond.repeat(flow_repeats, 1, 1)
             cond_mask = None if cond_mask is None else cond_mask.repeat(flow_repeats, 1)
             t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, generator=generator))  # logit-normal
+            t = timestep_shift * t / (1 + (timestep_shift - 1) * t)
             noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
             x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
             flow_loss = F.mse_loss(self.velocity(x_t, t, cond, cond_mask, reference).float(), (noise - x0).float())

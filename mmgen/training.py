@@ -63,6 +63,8 @@ class Trainer:
             raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
         if args.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {args.mixed_precision!r}")
+        if not args.timestep_shift > 0:
+            raise ValueError(f"timestep_shift must be > 0, got {args.timestep_shift}")
         self.model_args = model_args
         self.args = args
         self.output_dir = Path(args.output_dir)
@@ -199,7 +201,8 @@ class Trainer:
             )
             with acc.accumulate(self.model), acc.autocast():
                 out = self.model(
-                    batch, flow_weight=args.flow_weight, flow_repeats=args.flow_repeats, generator=generator
+                    batch, flow_weight=args.flow_weight, flow_repeats=args.flow_repeats,
+                    timestep_shift=args.timestep_shift, generator=generator
                 )
                 acc.backward(out.loss)
                 if acc.sync_gradients and args.max_grad_norm > 0:

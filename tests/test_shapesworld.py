@@ -303,8 +303,37 @@ def test_category_weights_shift_the_mix_within_a_task_and_leave_unweighted_strea
     assert [ShapesWorld(seed=2).sample_at(i, task="t2i", category_weights={}).category for i in range(40)] == plain
 
 
+def _laid_out_as_read(spec: dict) -> bool:
+    """Whether a two-object t2i scene puts the object named first on its side of the centre: the left for
+    "A and B", the side its relation names for "A above B" and the like, and the other object opposite."""
+    from mmgen.shapesworld.scene import centre_half
+
+    by_shape = {o["shape"]: o for o in spec["scene"]}
+    first, second = (by_shape[r["shape"]] for r in spec["require"])
+    axis, low = centre_half(spec["relation"][1] if spec["relation"] else "left of", related=True)
+    coordinate = "xy"[axis]
+    return (first[coordinate] < 0.5) == low and (second[coordinate] < 0.5) != low
+
+
+@pytest.mark.parametrize("category", ["two_objects", "color_attribution", "position"])
+def test_ordered_layouts_lay_two_objects_out_as_the_prompt_reads_and_leave_other_samples_alone(category):
+    from mmgen.shapesworld.bench import score_t2i
+
+    ordered, plain = ShapesWorld(seed=4, ordered_layouts=1.0), ShapesWorld(seed=4)
+    for i in range(40):
+        sample = ordered.sample_at(i, task="t2i", category=category)
+        assert _laid_out_as_read(sample.spec), sample.spec
+        assert score_t2i(sample.spec, sample.answer[0].image), sample.spec  # still shows what the prompt asks
+    assert sum(_laid_out_as_read(plain.sample_at(i, task="t2i", category=category).spec) for i in range(40)) < 30
+    for i in range(40):  # other categories draw exactly as without the option
+        assert (ordered.sample_at(i, task="t2i", category="counting").spec
+                == plain.sample_at(i, task="t2i", category="counting").spec)
+
+
 def test_world_rejects_bad_arguments_with_clear_errors():
     world = ShapesWorld(seed=0)
+    with pytest.raises(ValueError, match="ordered_layouts must be a share in"):
+        ShapesWorld(seed=0, ordered_layouts=1.5)
     with pytest.raises(ValueError, match="unknown task"):
         world.sample(task="video")
     with pytest.raises(ValueError, match="unknown category"):

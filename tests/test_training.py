@@ -175,6 +175,29 @@ def test_bad_configs_are_rejected_with_clear_messages(tmp_path, vae_dir):
     config = write_config(tmp_path, vae_dir, max_steps=2, category_weights={"posture": 2.0})
     with pytest.raises(ValueError, match="unknown category 'posture'"):
         Trainer(*parse_config((ModelArguments, TrainArguments), config))
+    for option, value in (("timestep_shift", 0.0), ("ordered_layouts", 1.5)):
+        config = write_config(tmp_path, vae_dir, max_steps=2, **{option: value})
+        with pytest.raises(ValueError, match=option):
+            Trainer(*parse_config((ModelArguments, TrainArguments), config))
+
+
+def test_ordered_layouts_reach_the_data_and_timestep_shift_draws_flow_times_toward_noise(tmp_path, vae_dir):
+    from mmgen.shapesworld import ShapesWorld
+
+    trainer = Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
+        tmp_path, vae_dir, max_steps=1, task_weights={"t2i": 1.0}, ordered_layouts=0.5)))
+    worlds = []
+    trainer.data.world_cls = lambda **kwargs: worlds.append(ShapesWorld(**kwargs)) or worlds[-1]
+    model, batch = trainer.unwrapped, trainer.data.batch(0)
+    assert worlds and all(world.ordered_layouts == 0.5 for world in worlds)
+    drawn, velocity = [], model.velocity
+    model.velocity = lambda x_t, t, *args: drawn.append(t) or velocity(x_t, t, *args)
+    for shift in (1.0, 3.0):
+        model(batch, flow_repeats=4, generator=torch.Generator().manual_seed(0), timestep_shift=shift)
+    model(batch, flow_repeats=4, generator=torch.Generator().manual_seed(0))
+    plain, shifted, default = drawn
+    assert torch.equal(default, plain)
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain)) and (shifted > plain).all()
 
 
 def test_yaml_words_no_and_off_keep_their_meaning_in_a_config(tmp_path):

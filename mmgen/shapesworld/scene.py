@@ -207,8 +207,10 @@ def sample_position(
     anchor: Obj | None = None,
     rel: str | None = None,
     tries: int = 400,
+    half: tuple[int, bool] | None = None,
 ) -> tuple[float, float] | None:
-    """A centre for a new object of `size` that overlaps none of `others`, optionally clearly `rel` `anchor`.
+    """A centre for a new object of `size` that overlaps none of `others`, optionally clearly `rel` `anchor`
+    and inside `half` of the image (see `centre_half`).
 
     Returns None when no spot is found (the caller picks another layout).
     """
@@ -219,12 +221,27 @@ def sample_position(
         x, y = min(max(x, lo), hi), min(max(y, lo), hi)
         if not all(_separated(x, y, r, o) for o in others):
             continue
+        if half is not None and not _inside(half, (x, y)[half[0]]):
+            continue
         if anchor is not None:
             probe = Obj("circle", "red", size, x, y)
             if relation(probe, anchor) != rel or not is_clear(probe, anchor):
                 continue
         return x, y
     return None
+
+
+def centre_half(rel: str, related: bool) -> tuple[int, bool]:
+    """Where an object sits when it and its anchor lie on opposite sides of the image centre along `rel`'s
+    axis: (axis, below the centre?), axis 0 for x and 1 for y. `related` is the object that is `rel` the
+    other; otherwise it is the anchor."""
+    axis = 0 if rel in ("left of", "right of") else 1
+    first_low = rel in ("left of", "above")
+    return axis, first_low if related else not first_low
+
+
+def _inside(half: tuple[int, bool], coordinate: float) -> bool:
+    return coordinate != 0.5 and (coordinate < 0.5) == half[1]
 
 
 def _fill_attributes(rng: random.Random, specs: Sequence[ObjSpec], colors: Sequence[str]) -> list[ObjSpec]:
@@ -254,12 +271,14 @@ def random_scene(
     shapes: Sequence[str] = SHAPES,
     colors: Sequence[str] = COLORS,
     tries: int = 200,
+    across_centre: bool = False,
 ) -> Scene:
     """Sample a scene of `n_objects` (default 1-4, uniform) non-overlapping objects.
 
     `specs` fixes some attributes (None fields are drawn at random), `relations` lists (i, rel, j)
     constraints that are placed unambiguously. A two-object scene always gets a clear relation, so that
-    its caption can state it.
+    its caption can state it. With `across_centre`, each related pair also lies on opposite sides of the
+    image centre along its relation's axis.
     """
     if not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
@@ -278,6 +297,12 @@ def random_scene(
         _check(rel, RELATIONS, "relation")
         if not (0 <= i < n_objects and 0 <= j < n_objects) or i == j or j > i:
             raise ValueError(f"relation ({i}, {rel!r}, {j}) must relate a later object to an earlier one")
+    halves: dict[int, tuple[int, bool]] = {}
+    if across_centre:
+        for i, rel, j in relations:
+            if i in halves or j in halves:
+                raise ValueError("across_centre needs each object in at most one relation")
+            halves[i], halves[j] = centre_half(rel, True), centre_half(rel, False)
 
     for _ in range(tries):
         if specs is None:
@@ -298,7 +323,7 @@ def random_scene(
                 anchor = placed[j]
             elif n_objects == 2 and i == 1:
                 anchor, rel = placed[0], rng.choice(RELATIONS)
-            pos = sample_position(rng, s.size, placed, anchor, rel, tries=60)
+            pos = sample_position(rng, s.size, placed, anchor, rel, tries=60, half=halves.get(i))
             if pos is None:
                 break
             placed.append(Obj(s.shape, s.color, s.size, *pos))
