@@ -98,7 +98,7 @@ class ShapesWorldData:
         self.category_weights = args.category_weights
         if self.category_weights:
             ShapesWorld.check_category_weights(self.category_weights)
-        ShapesWorld(seed=0, size=image_size, ordered_layouts=args.ordered_layouts)  # a bad share fails here
+        ShapesWorld.check_ordered_layouts(args.ordered_layouts)
 
     def batch(self, step: int, micro: int = 0) -> PackedBatch:
         seed = batch_seed(self.args.seed, step, micro, self.process_index)

@@ -48,6 +48,7 @@ TASKS: dict[str, tuple[str, ...]] = {
 }
 CATEGORY_TASK: dict[str, str] = {c: t for t, cats in TASKS.items() for c in cats}
 DEFAULT_WEIGHTS: dict[str, float] = {"t2i": 0.3, "i2t": 0.3, "story": 0.25, "edit": 0.15}
+ORDERED_CATEGORIES = ("two_objects", "color_attribution", "position")  # the two-object t2i prompts
 MAX_STEPS = 4  # a story has 2-4 pictures (1-3 changes)
 
 
@@ -93,8 +94,7 @@ class ShapesWorld:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(size, int) or size < 16:
             raise ValueError(f"size must be an int >= 16, got {size!r}")
-        if not isinstance(ordered_layouts, (int, float)) or not 0 <= ordered_layouts <= 1:
-            raise ValueError(f"ordered_layouts must be a share in [0, 1], got {ordered_layouts!r}")
+        self.check_ordered_layouts(ordered_layouts)
         self.seed = seed
         self.size = size
         self.ordered_layouts = float(ordered_layouts)
@@ -186,6 +186,11 @@ class ShapesWorld:
         return names, probs
 
     @staticmethod
+    def check_ordered_layouts(share: float) -> None:
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+            raise ValueError(f"ordered_layouts must be a share in [0, 1], got {share!r}")
+
+    @staticmethod
     def check_category_weights(category_weights: Mapping[str, float]) -> None:
         """Refuse unknown names, negative weights and a task left with nothing to draw, before any sampling."""
         if not isinstance(category_weights, Mapping):
@@ -230,8 +235,7 @@ class ShapesWorld:
         else:  # counting
             n = rng.randint(2, 4)
             objs = [ObjSpec(shapes[0])] * n
-        ordered = len(objs) == 2 and category != "counting" and self.ordered_layouts > 0 and (
-            rng.random() < self.ordered_layouts)
+        ordered = category in ORDERED_CATEGORIES and self.ordered_layouts > 0 and rng.random() < self.ordered_layouts
         if category == "counting":
             body = f"{lang.count_word(len(objs))} {lang.PLURALS[objs[0].shape]}"
             scene = random_scene(rng, specs=objs)
