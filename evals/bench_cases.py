@@ -5,7 +5,9 @@ Baselines run in the same process on the same model:
   backbone over the whole history, the noisy image's tokens included;
 - the in-backbone loop (BAGEL/Transfusion style) caches the context but runs the backbone over the
   noisy image tokens at every flow step, in every guidance branch, and reads the velocity off their last
-  states through one linear layer, as BAGEL's `llm2vae` and Transfusion's linear output do.
+  states through one linear layer, as BAGEL's `llm2vae` and Transfusion's linear output do. Its
+  unconditional text branch drops only the latest text and keeps the history before it, as BAGEL's
+  interleaved inference keeps its `cfg_text` context.
 Both replay exactly the segments our pipeline produced, so each side does the same amount of work.
 """
 
@@ -166,7 +168,8 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
 
     The ratios compare like with like: text guidance only (a full and an unconditional branch) at both
     context sizes, so they measure what the context costs. Image guidance adds a third branch that exists
-    only when there are context images; its row is reported on its own.
+    only when there are context images; its row is reported on its own. The in-backbone loop's
+    unconditional branch attends to the history without the drawing instruction.
     """
     settings = _settings(options)
     text_guidance = Guidance(settings["guidance_scale"], 1.0, settings["cfg_interval"])
@@ -182,6 +185,11 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
         start = encoded.next_position
         main_cache = BatchCache(model, 1)
         prompt_states = main_cache.forward([prompt_chunk])[0]
+        history_cache, history_start = None, start
+        if n_context:
+            h_embeds, h_positions, h_encoded = _encode_prompt(pipe, segments[:-1])
+            history_cache, history_start = BatchCache(model, 1), h_encoded.next_position
+            history_cache.forward([Chunk(h_embeds, h_positions, torch.ones(len(h_positions), dtype=torch.bool))])
         since_image = encoded.spans[-1].end + 1 if encoded.spans else 0
         last_image = prompt_states[encoded.spans[-1].vision_slice] if encoded.spans else None
         reference = model.reference_patches([encoded.latents[-1] if encoded.latents else None])
@@ -199,8 +207,8 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
                              velocity_fn=pipe.head_velocities(reference))
             model.image_tokenizer.decode(model.image_tokenizer.unpatchify(x))
 
-        def in_backbone(cache=main_cache, start=start):
-            velocity = _velocity_in_backbone(pipe, [cache, None], [start, start])
+        def in_backbone(cache=main_cache, start=start, history=history_cache, history_start=history_start):
+            velocity = _velocity_in_backbone(pipe, [cache, history], [start, history_start])
             x = pipe.initial_noise([torch.Generator().manual_seed(0)])
             x = pipe.denoise(x, [None, None], text_guidance, settings["num_inference_steps"],
                              velocity_fn=velocity)
