@@ -174,22 +174,27 @@ def _run(pipe, prompts, drafter, batch: int, settings: dict, kinds: list[str] | 
     return outputs, totals
 
 
-def _measure(pipe, prompts, drafter, batch: int, settings: dict, repeats: int,
-             kinds: list[str] | None = None) -> tuple[list[tuple], dict]:
-    """Outputs of the first run, and text tokens/s as the median over `repeats` runs after it: over all the
-    text time, and over decoding alone (after the prompts were read, which drafting cannot speed up)."""
-    outputs, first = _run(pipe, prompts, drafter, batch, settings, kinds)
-    speeds, decode_speeds = [], []
+def _measure(pipe, prompts, drafters: dict[str, Drafter | None], batch: int, settings: dict, repeats: int,
+             kinds: list[str] | None = None) -> dict[str, tuple[list[tuple], dict]]:
+    """Per drafter (None: plain decoding), the outputs of a first run and text tokens/s as the median over
+    `repeats` timed runs after it: over all the text time, and over decoding alone (after the prompts were
+    read, which drafting cannot speed up). Each round times every drafter once in turn, so a machine whose
+    speed drifts during the bench slows them alike and the ratios between them hold."""
+    measured = {name: _run(pipe, prompts, drafter, batch, settings, kinds) for name, drafter in drafters.items()}
+    speeds = {name: [] for name in drafters}
+    decode_speeds = {name: [] for name in drafters}
     for _ in range(repeats):
-        _, totals = _run(pipe, prompts, drafter, batch, settings)
-        speeds.append(totals["tokens"] / max(totals["seconds"], 1e-9))
-        decode_seconds = totals["seconds"] - totals["prefill_seconds"]
-        decode_speeds.append((totals["tokens"] - totals["first_tokens"]) / max(decode_seconds, 1e-9))
-    first["tokens_per_s"] = statistics.median(speeds)
-    first["decode_tokens_per_s"] = statistics.median(decode_speeds)
-    first["tau"] = first["tokens"] / max(first["passes"], 1)
-    first["acceptance"] = first["accepted"] / max(first["drafted"], 1)
-    return outputs, first
+        for name, drafter in drafters.items():
+            _, totals = _run(pipe, prompts, drafter, batch, settings)
+            speeds[name].append(totals["tokens"] / max(totals["seconds"], 1e-9))
+            decode_seconds = totals["seconds"] - totals["prefill_seconds"]
+            decode_speeds[name].append((totals["tokens"] - totals["first_tokens"]) / max(decode_seconds, 1e-9))
+    for name, (_, first) in measured.items():
+        first["tokens_per_s"] = statistics.median(speeds[name])
+        first["decode_tokens_per_s"] = statistics.median(decode_speeds[name])
+        first["tau"] = first["tokens"] / max(first["passes"], 1)
+        first["acceptance"] = first["accepted"] / max(first["drafted"], 1)
+    return measured
 
 
 def available_drafters(pipe, quick: bool) -> dict[str, Drafter]:
@@ -263,23 +268,22 @@ def drafting_case(pipe, options: BenchOptions) -> CaseResult:
     drafters = available_drafters(pipe, quick)
     rows, ratios = [], {}
 
-    # 1. Image-grounded prompts, one at a time, fp32 greedy: speed, τ, acceptance, losslessness.
-    plain_out, plain = _measure(pipe, grounded, None, 1, settings, repeats, kinds)
-    rows.append(_row("grounded", "plain", plain, plain, 1.0))
-
-    def grounded_row(name: str, drafter: Drafter) -> dict:
-        outputs, result = _measure(pipe, grounded, drafter, 1, settings, repeats, kinds)
-        same = sum(_identical(a, b) for a, b in zip(outputs, plain_out)) / len(grounded)
-        rows.append(_row("grounded", name, result, plain, same))
-        return result
-
-    results = {name: grounded_row(name, drafter) for name, drafter in drafters.items()}
-    # The ceiling at the vision head's draft length: what a perfect drafter that costs nothing would reach.
+    # 1. Image-grounded prompts, one at a time, fp32 greedy: speed, τ, acceptance, losslessness. The ceiling
+    # replays plain decoding's output at the vision head's draft length: what a perfect drafter that costs
+    # nothing would reach. It records that output in a run of its own before the measured runs.
     max_draft = drafters["vision-head"].max_draft if "vision-head" in drafters else 8
     ceiling = CeilingDrafter(max_draft)
     _run(pipe, grounded, ceiling, 1, settings)
     ceiling.replay()
-    grounded_row(f"ceiling (plain output replayed, {max_draft} ahead)", ceiling)
+    ceiling_name = f"ceiling (plain output replayed, {max_draft} ahead)"
+    measured = _measure(pipe, grounded, {"plain": None, **drafters, ceiling_name: ceiling}, 1, settings, repeats,
+                        kinds)
+    plain_out, plain = measured.pop("plain")
+    rows.append(_row("grounded", "plain", plain, plain, 1.0))
+    for name, (outputs, result) in measured.items():
+        same = sum(_identical(a, b) for a, b in zip(outputs, plain_out)) / len(grounded)
+        rows.append(_row("grounded", name, result, plain, same))
+    results = {name: result for name, (_, result) in measured.items() if name != ceiling_name}
     if "vision-head" in results:
         head = results["vision-head"]
         ratios["vision_head_tau"] = head["tau"]
@@ -322,8 +326,8 @@ def drafting_case(pipe, options: BenchOptions) -> CaseResult:
     # 3. Batch 4 with the best grounded drafter against batch 4 without.
     chosen = "vision-head" if "vision-head" in drafters else max(results, key=lambda n: results[n]["tau"])
     batch_prompts = grounded[: 4 if quick else 32]
-    plain4_out, plain4 = _measure(pipe, batch_prompts, None, 4, settings, repeats)
-    draft4_out, draft4 = _measure(pipe, batch_prompts, drafters[chosen], 4, settings, repeats)
+    batch4 = _measure(pipe, batch_prompts, {"plain": None, chosen: drafters[chosen]}, 4, settings, repeats)
+    (plain4_out, plain4), (draft4_out, draft4) = batch4["plain"], batch4[chosen]
     same = sum(_identical(a, b) for a, b in zip(draft4_out, plain4_out)) / len(batch_prompts)
     same_as_one = sum(_identical(a, b) for a, b in zip(draft4_out, plain_out)) / len(batch_prompts)
     rows.append(_row("batch 4", "plain", plain4, plain4, 1.0))
