@@ -28,6 +28,7 @@ from mmgen.pipelines.pipeline_mmgen import (
 )
 from mmgen.segments import Image, Segment, Text
 from mmgen.shapesworld import ShapesWorld
+from mmgen.stream import EncodedSequence
 
 from .bench import BenchOptions, CaseResult, bench_case, median_seconds
 
@@ -38,15 +39,16 @@ def _settings(options: BenchOptions) -> dict:
                 image_guidance_scale=IMAGE_GUIDANCE_SCALE, cfg_interval=CFG_INTERVAL)
 
 
-def _encode_prompt(pipe, segments: list[Segment]):
-    """Embeddings and positions of segments (images at full resolution, no queries): one chunk."""
+def _encode_prompt(pipe, segments: list[Segment]) -> tuple[Chunk, EncodedSequence]:
+    """Segments (images at full resolution, no queries) as one chunk the cache keeps, and their encoding."""
     model, codec = pipe.unified, pipe.codec
     segments = pipe.encode_images([s if isinstance(s, Text) else Image(image=s.image, latent=s.latent)
                                    for s in segments])
     count = model.image_modules.compressor.num_tokens("none")
     encoded = codec.encode(segments, [count] * sum(isinstance(s, Image) for s in segments))
     embeds = model.embed(encoded.input_ids[None], [(0, span) for span in encoded.spans], encoded.latents)[0]
-    return embeds, encoded.position_ids, encoded
+    positions = encoded.position_ids
+    return Chunk(embeds, positions, torch.ones(len(positions), dtype=torch.bool)), encoded
 
 
 def _drawing_chunk(pipe, position: int, noisy: torch.Tensor | None = None, queries: bool = True) -> Chunk:
@@ -114,17 +116,15 @@ def story_case(pipe, options: BenchOptions) -> CaseResult:
             if isinstance(segment, Text):
                 ids = pipe.codec.text_ids(segment.text)
                 for k in range(len(ids)):
-                    embeds, positions, _ = _encode_prompt(pipe, [*history, Text(pipe.codec.decode_text(ids[:k + 1]))])
-                    hidden, _ = model.run_backbone(embeds[None], positions[None])
+                    chunk, _ = _encode_prompt(pipe, [*history, Text(pipe.codec.decode_text(ids[:k + 1]))])
+                    hidden, _ = model.run_backbone(chunk.embeds[None], chunk.positions[None])
                     model.logits(hidden[:, -1])
                 history.append(segment)
                 continue
-            embeds, positions, encoded = _encode_prompt(pipe, history)
-            text_only = [s for s in history if isinstance(s, Text)]
-            t_embeds, t_positions, _ = _encode_prompt(pipe, text_only)
-            contexts = [Chunk(embeds, positions, torch.ones(len(positions), dtype=torch.bool)),
-                        None, Chunk(t_embeds, t_positions, torch.ones(len(t_positions), dtype=torch.bool))]
-            starts = [encoded.next_position, encoded.next_position, len(t_positions)]
+            chunk, encoded = _encode_prompt(pipe, history)
+            text_chunk, _ = _encode_prompt(pipe, [s for s in history if isinstance(s, Text)])
+            contexts = [chunk, None, text_chunk]
+            starts = [encoded.next_position, encoded.next_position, len(text_chunk.positions)]
 
             def velocity(x, t, branches, contexts=contexts, starts=starts):
                 outs = []
@@ -179,17 +179,16 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
     rows, seconds = [], {}
     for n_context in (0, 16):
         segments = _context(pipe, n_context, options.seed)
-        embeds, positions, encoded = _encode_prompt(pipe, segments)
-        prompt_chunk = Chunk(embeds, positions, torch.ones(len(positions), dtype=torch.bool))
+        prompt_chunk, encoded = _encode_prompt(pipe, segments)
         text_only = [s for s in segments if isinstance(s, Text)]
         start = encoded.next_position
         main_cache = BatchCache(model, 1)
         prompt_states = main_cache.forward([prompt_chunk])[0]
         history_cache, history_start = None, start
         if n_context:
-            h_embeds, h_positions, h_encoded = _encode_prompt(pipe, segments[:-1])
-            history_cache, history_start = BatchCache(model, 1), h_encoded.next_position
-            history_cache.forward([Chunk(h_embeds, h_positions, torch.ones(len(h_positions), dtype=torch.bool))])
+            history_chunk, history_encoded = _encode_prompt(pipe, segments[:-1])
+            history_cache, history_start = BatchCache(model, 1), history_encoded.next_position
+            history_cache.forward([history_chunk])
         since_image = encoded.spans[-1].end + 1 if encoded.spans else 0
         last_image = prompt_states[encoded.spans[-1].vision_slice] if encoded.spans else None
         reference = model.reference_patches([encoded.latents[-1] if encoded.latents else None])
@@ -222,7 +221,7 @@ def image_case(pipe, options: BenchOptions) -> CaseResult:
             t = median_seconds(fn, options.repeats)
             seconds[(name, branches, n_context)] = t
             rows.append({"loop": name, "guidance": branches, "context_images": n_context,
-                         "context_tokens": len(positions), "seconds_per_image": t})
+                         "context_tokens": len(prompt_chunk.positions), "seconds_per_image": t})
     ours_name, inb_name = "ours (flow head beside the backbone)", "in-backbone loop"
     ratios = {
         "image_ctx16_vs_ctx0_ours": seconds[(ours_name, "text", 16)] / seconds[(ours_name, "text", 0)],
