@@ -159,8 +159,10 @@ def parse_config(
         unknown = sorted(set(defaults) - known)
         if unknown:
             raise ValueError(f"unknown option(s) in {path}: {', '.join(unknown)}")
-    # Dict- and list-valued options go straight from the file; argparse cannot express them as flags.
-    structured = {k: v for k, v in defaults.items() if isinstance(v, (dict, list))}
+    # Dict- and list-valued options go straight from the file, as argparse cannot take them as defaults,
+    # unless a flag names them.
+    flagged = {arg[2:].split("=")[0].replace("-", "_") for arg in args or [] if arg.startswith("--")}
+    structured = {k: v for k, v in defaults.items() if isinstance(v, (dict, list)) and k not in flagged}
     parser.set_defaults(**{k: v for k, v in defaults.items() if k not in structured})
     parsed = parser.parse_args_into_dataclasses(args=args or [])
     for obj in parsed:

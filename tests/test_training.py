@@ -209,6 +209,14 @@ def test_yaml_words_no_and_off_keep_their_meaning_in_a_config(tmp_path):
     assert parse_config((ModelArguments, TrainArguments), config)[1].max_steps == 7
 
 
+def test_a_flag_overrides_a_list_in_the_config(tmp_path):
+    config = tmp_path / "levels.yaml"
+    config.write_text("compression_levels: [none, pool:2]\n")
+    assert parse_config((ModelArguments, TrainArguments), config)[1].compression_levels == ["none", "pool:2"]
+    flags = ["--compression_levels", "pool:4"]
+    assert parse_config((ModelArguments, TrainArguments), config, flags)[1].compression_levels == ["pool:4"]
+
+
 def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae_dir, caplog):
     export_first_stage(tmp_path, vae_dir, "model", max_steps=3)
     # The exported model gained a learned resampler afterwards, as the default model has.
