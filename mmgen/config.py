@@ -98,11 +98,19 @@ class TrainArguments:
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (fp16 only on CUDA)."})
     flow_weight: float = 1.0
     flow_repeats: int = 4
-    timestep_shift: float = field(
-        default=1.0,
+    timestep_shift: list[float] = field(
+        default_factory=lambda: [1.0],
         metadata={"help": "Shift of the flow loss's logit-normal t toward noise, t -> s·t / (1 + (s-1)·t), as SD3 "
-                          "shifts its sampling. Where objects go and which colour each one gets are decided at "
-                          "high t, and t > 0.8 is drawn 8% of the time at 1, 25% at 2."},
+                          "shifts its sampling: one value for every draw, or one per flow repeat. Where objects go "
+                          "and which colour each one gets are decided at high t, and t > 0.8 is drawn 8% of the "
+                          "time at 1, 25% at 2."},
+    )
+    sampling_shift: float = field(
+        default=1.0,
+        metadata={"help": "The `shift` of the exported pipeline's flow-matching scheduler, which spreads the "
+                          "sampling steps toward noise as timestep_shift spreads training's t. A model trained at "
+                          "a high timestep_shift samples best with a shift of its own: at 1 its sampler blends "
+                          "colours it has not yet chosen between."},
     )
     drop_text_prob: float = 0.1
     drop_image_prob: float = 0.1
@@ -135,6 +143,10 @@ class TrainArguments:
     export_dir: str | None = field(default=None, metadata={"help": "Where the finished pipeline is saved."})
     recipe: str | None = field(default=None, metadata={"help": "The config file, named in the model card."})
     export_every: int = field(default=0, metadata={"help": "Also export every N steps (0: only at the end)."})
+
+    def __post_init__(self):
+        if isinstance(self.timestep_shift, (int, float)):  # a single shift, written as a number
+            self.timestep_shift = [float(self.timestep_shift)]
 
 
 def parse_config(

@@ -9,6 +9,7 @@ any pipeline component. `UnifiedModel` drives any transformers causal LM through
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -340,13 +341,13 @@ class UnifiedModel(nn.Module):
         flow_weight: float = 1.0,
         flow_repeats: int = 1,
         generator: torch.Generator | None = None,
-        timestep_shift: float = 1.0,
+        timestep_shift: float | Sequence[float] = 1.0,
     ) -> LossOutput:
         """Text cross-entropy + flow_weight · rectified-flow MSE, in one teacher-forced pass.
 
         Each generated image's flow loss is averaged over `flow_repeats` draws of (t, noise): the head
         is small next to the backbone, so extra draws per backbone pass are nearly free. t is logit-normal,
-        shifted toward noise by `timestep_shift` (see TrainArguments).
+        shifted toward noise by `timestep_shift` (see TrainArguments): one shift, or one per repeat.
         """
         emb = self.embed(batch.input_ids, batch.spans, batch.latents)
         hidden, _ = self.run_backbone(emb, batch.position_ids, batch.attention_mask.to(emb.dtype))
@@ -369,7 +370,12 @@ class UnifiedModel(nn.Module):
             cond = cond.repeat(flow_repeats, 1, 1)
             cond_mask = None if cond_mask is None else cond_mask.repeat(flow_repeats, 1)
             t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, generator=generator))  # logit-normal
-            t = timestep_shift * t / (1 + (timestep_shift - 1) * t)
+            shift = torch.tensor(timestep_shift, dtype=t.dtype, device=t.device).reshape(-1)
+            if len(shift) not in (1, flow_repeats):
+                raise ValueError(f"timestep_shift needs one shift or one per flow repeat ({flow_repeats}), "
+                                 f"got {len(shift)}")
+            shift = shift.repeat_interleave(len(generated)) if len(shift) > 1 else shift  # repeats are blocks
+            t = shift * t / (1 + (shift - 1) * t)
             noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
             x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
             flow_loss = F.mse_loss(self.velocity(x_t, t, cond, cond_mask, reference).float(), (noise - x0).float())

@@ -63,8 +63,12 @@ class Trainer:
             raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
         if args.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {args.mixed_precision!r}")
-        if not args.timestep_shift > 0:
-            raise ValueError(f"timestep_shift must be > 0, got {args.timestep_shift}")
+        shifts = args.timestep_shift
+        if len(shifts) not in (1, args.flow_repeats) or not all(shift > 0 for shift in shifts):
+            raise ValueError(f"timestep_shift must be one shift > 0, or one per flow repeat ({args.flow_repeats}), "
+                             f"got {shifts}")
+        if not args.sampling_shift > 0:
+            raise ValueError(f"sampling_shift must be > 0, got {args.sampling_shift}")
         self.model_args = model_args
         self.args = args
         self.output_dir = Path(args.output_dir)
@@ -265,7 +269,7 @@ class Trainer:
         from .pipelines import MMGenPipeline
 
         model = self.unwrapped
-        return MMGenPipeline.from_unified(model, self.tokenizer)
+        return MMGenPipeline.from_unified(model, self.tokenizer, sampling_shift=self.args.sampling_shift)
 
     def quick_eval(self) -> dict:
         from .evals.shapesbench import run_shapesbench

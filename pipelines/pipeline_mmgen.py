@@ -228,8 +228,8 @@ class MMGenPipeline(DiffusionPipeline):
         return pipe
 
     @classmethod
-    def from_unified(cls, unified: UnifiedModel, tokenizer, drafter=None) -> MMGenPipeline:
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    def from_unified(cls, unified: UnifiedModel, tokenizer, drafter=None, sampling_shift: float = 1.0) -> MMGenPipeline:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=sampling_shift)
         pipe = cls(unified.backbone, tokenizer, unified.image_tokenizer.vae, unified.image_modules, scheduler, drafter)
         pipe._unified = unified
         return pipe

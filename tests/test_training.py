@@ -55,7 +55,8 @@ def read_log(run: Path) -> list[dict]:
 
 def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_path, vae_dir):
     export = tmp_path / "model"
-    config = write_config(tmp_path, vae_dir, max_steps=30, export_dir=str(export), recipe="configs/tiny.yaml")
+    config = write_config(tmp_path, vae_dir, max_steps=30, export_dir=str(export), recipe="configs/tiny.yaml",
+                          sampling_shift=3.0)
     model_args, args = parse_config((ModelArguments, TrainArguments), config)
     rows = Trainer(model_args, args).train()
     first = sum(r["loss"] for r in rows[:5]) / 5
@@ -64,6 +65,7 @@ def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_
     assert (tmp_path / "run" / "checkpoint" / "trainer_state.json").is_file()
     pipe = MMGenPipeline.from_pretrained(export)
     assert pipe.model.config.num_queries == TINY_MODEL["num_queries"]
+    assert pipe.scheduler.config.shift == 3.0, "the recipe's sampling shift is saved with the scheduler"
     card = (export / "README.md").read_text()
     assert "configs/tiny.yaml" in card and (export / "training_curve.png").stat().st_size > 0
 
@@ -175,7 +177,8 @@ def test_bad_configs_are_rejected_with_clear_messages(tmp_path, vae_dir):
     config = write_config(tmp_path, vae_dir, max_steps=2, category_weights={"posture": 2.0})
     with pytest.raises(ValueError, match="unknown category 'posture'"):
         Trainer(*parse_config((ModelArguments, TrainArguments), config))
-    for option, value in (("timestep_shift", 0.0), ("ordered_layouts", 1.5)):
+    for option, value in (("timestep_shift", 0.0), ("timestep_shift", [1.0, 2.0, 3.0]), ("sampling_shift", -1.0),
+                          ("ordered_layouts", 1.5)):
         config = write_config(tmp_path, vae_dir, max_steps=2, **{option: value})
         with pytest.raises(ValueError, match=option):
             Trainer(*parse_config((ModelArguments, TrainArguments), config))
@@ -192,12 +195,15 @@ def test_ordered_layouts_reach_the_data_and_timestep_shift_draws_flow_times_towa
     assert worlds and all(world.ordered_layouts == 0.5 for world in worlds)
     drawn, velocity = [], model.velocity
     model.velocity = lambda x_t, t, *args: drawn.append(t) or velocity(x_t, t, *args)
-    for shift in (1.0, 3.0):
+    for shift in (1.0, 3.0, [1.0, 3.0, 1.0, 3.0]):
         model(batch, flow_repeats=4, generator=torch.Generator().manual_seed(0), timestep_shift=shift)
     model(batch, flow_repeats=4, generator=torch.Generator().manual_seed(0))
-    plain, shifted, default = drawn
+    plain, shifted, per_repeat, default = drawn
     assert torch.equal(default, plain)
     assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain)) and (shifted > plain).all()
+    # One shift per repeat: each repeat is a block of the batch's pictures.
+    plain, shifted, per_repeat = (t.view(4, -1) for t in (plain, shifted, per_repeat))
+    assert torch.equal(per_repeat[0::2], plain[0::2]) and torch.allclose(per_repeat[1::2], shifted[1::2])
 
 
 def test_yaml_words_no_and_off_keep_their_meaning_in_a_config(tmp_path):
@@ -215,6 +221,16 @@ def test_a_flag_overrides_a_list_in_the_config(tmp_path):
     assert parse_config((ModelArguments, TrainArguments), config)[1].compression_levels == ["none", "pool:2"]
     flags = ["--compression_levels", "pool:4"]
     assert parse_config((ModelArguments, TrainArguments), config, flags)[1].compression_levels == ["pool:4"]
+
+
+def test_timestep_shifts_are_one_number_or_one_per_flow_repeat(tmp_path):
+    config = tmp_path / "shifts.yaml"
+    config.write_text("timestep_shift: 6\n")
+    assert parse_config((ModelArguments, TrainArguments), config)[1].timestep_shift == [6.0]
+    config.write_text("timestep_shift: [1, 20]\n")
+    assert parse_config((ModelArguments, TrainArguments), config)[1].timestep_shift == [1, 20]
+    assert parse_config((ModelArguments, TrainArguments), config, ["--timestep_shift", "2", "8"])[1].timestep_shift \
+        == [2.0, 8.0]
 
 
 def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae_dir, caplog):
