@@ -291,7 +291,11 @@ def effective_generation(pipe, generation_kwargs: Mapping[str, Any]) -> dict[str
         if p.default is not inspect.Parameter.empty and p.name not in _RESERVED
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
-    return {**defaults, **generation_kwargs}
+    settings = {**defaults, **generation_kwargs}
+    scheduler = getattr(getattr(pipe, "scheduler", None), "config", None)
+    if scheduler is not None:  # its shift and sampler shape the pictures as much as the call's arguments
+        settings["scheduler"] = {key: value for key, value in scheduler.items() if not key.startswith("_")}
+    return settings
 
 
 def run_shapesbench(

@@ -112,6 +112,13 @@ class TrainArguments:
                           "a high timestep_shift samples best with a shift of its own: at 1 its sampler blends "
                           "colours it has not yet chosen between."},
     )
+    stochastic_sampling: bool = field(
+        default=False,
+        metadata={"help": "Whether the exported scheduler samples stochastically: each step predicts the clean "
+                          "latent and noises it afresh to the next level, instead of an Euler step along the "
+                          "predicted velocity. It keeps a small model from settling between two layouts or two "
+                          "colours, where a deterministic path drifts to their blend."},
+    )
     drop_text_prob: float = 0.1
     drop_image_prob: float = 0.1
     compression_levels: list[str] = field(

@@ -269,7 +269,8 @@ class Trainer:
         from .pipelines import MMGenPipeline
 
         model = self.unwrapped
-        return MMGenPipeline.from_unified(model, self.tokenizer, sampling_shift=self.args.sampling_shift)
+        return MMGenPipeline.from_unified(model, self.tokenizer, sampling_shift=self.args.sampling_shift,
+                                          stochastic_sampling=self.args.stochastic_sampling)
 
     def quick_eval(self) -> dict:
         from .evals.shapesbench import run_shapesbench

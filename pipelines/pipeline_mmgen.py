@@ -228,8 +228,10 @@ class MMGenPipeline(DiffusionPipeline):
         return pipe
 
     @classmethod
-    def from_unified(cls, unified: UnifiedModel, tokenizer, drafter=None, sampling_shift: float = 1.0) -> MMGenPipeline:
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=sampling_shift)
+    def from_unified(cls, unified: UnifiedModel, tokenizer, drafter=None, sampling_shift: float = 1.0,
+                     stochastic_sampling: bool = False) -> MMGenPipeline:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=sampling_shift,
+                                                    stochastic_sampling=stochastic_sampling)
         pipe = cls(unified.backbone, tokenizer, unified.image_tokenizer.vae, unified.image_modules, scheduler, drafter)
         pipe._unified = unified
         return pipe
@@ -794,18 +796,21 @@ class MMGenPipeline(DiffusionPipeline):
         return tokenizer.patchify(torch.stack(noise)).to(self.unified.image_modules.queries.dtype)
 
     def denoise(self, x: torch.Tensor, branches: list[torch.Tensor], guidance: Guidance, num_inference_steps: int,
-                callback_on_step_end: Callable | None = None, velocity_fn: Callable | None = None) -> torch.Tensor:
+                callback_on_step_end: Callable | None = None, velocity_fn: Callable | None = None,
+                generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
         """Integrate the flow from noise `x` (B, N, token_dim) to a clean latent with guided Euler steps.
 
         `branches` holds the conditions of each guidance branch, one (C, d) per image, as [full] or
         [full, null] or [full, null, text-only]; `velocity_fn(x, t, branches) -> list of velocities`
         defaults to one batched call of the flow head without a reference (`head_velocities`; the benchmark
-        swaps in an in-backbone loop).
+        swaps in an in-backbone loop). A scheduler with `stochastic_sampling` draws fresh noise at every
+        step from each image's generator (`step_generators`).
         """
         model = self.unified
         velocity_fn = velocity_fn or self.head_velocities()
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=model.device)
+        step_generators = self.step_generators(generators, len(x)) if scheduler.config.stochastic_sampling else None
         with self.progress_bar(total=num_inference_steps) as bar:
             for i, timestep in enumerate(scheduler.timesteps):
                 t = scheduler.sigmas[i].to(x.dtype).expand(x.shape[0])
@@ -813,13 +818,25 @@ class MMGenPipeline(DiffusionPipeline):
                     v = guidance.combine(velocity_fn(x, t, branches))
                 else:
                     v = velocity_fn(x, t, branches[:1])[0]
-                x = scheduler.step(v, timestep, x, return_dict=False)[0]
+                # In float32, so that a seed gives the same stochastic steps in every dtype.
+                step = scheduler.step(v.float(), timestep, x.float(), generator=step_generators, return_dict=False)
+                x = step[0].to(x.dtype)
                 if callback_on_step_end is not None:
                     result = callback_on_step_end(self, i, timestep, {"latents": x})
                     if result and "latents" in result:
                         x = result["latents"]
                 bar.update()
         return x
+
+    def step_generators(self, generators: list[torch.Generator | None] | None, batch: int) -> list[torch.Generator]:
+        """One generator per image for the noise of stochastic flow steps: the image's own, or, where it has
+        none, one seeded from torch's global generator (as `initial_noise` draws from it)."""
+        generators = generators or [None] * batch
+        if len(generators) != batch:
+            raise ValueError(f"got {len(generators)} generators for {batch} images")
+        device = self.unified.device
+        return [g if g is not None else torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
+                for g in generators]
 
     def head_velocities(self, reference: torch.Tensor | None = None) -> Callable:
         """`denoise`'s default velocity function: one batched flow-head call over all branches.
@@ -853,7 +870,8 @@ class MMGenPipeline(DiffusionPipeline):
             branches += [null] + ([text_only] if use_image_cfg else [])
         x = self.initial_noise([r.generator for r in rows])
         velocity_fn = self.head_velocities(self.unified.reference_patches([r.reference for r in rows]))
-        x = self.denoise(x, branches, guidance, num_inference_steps, callback_on_step_end, velocity_fn)
+        x = self.denoise(x, branches, guidance, num_inference_steps, callback_on_step_end, velocity_fn,
+                         [r.generator for r in rows])
         latents = tokenizer.unpatchify(x)
         pixels = tokenizer.postprocess(tokenizer.decode(latents)) if output_type != "latent" else [None] * len(rows)
         self.last_stats.images += len(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import PIL.Image
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from mmgen import Image, Text
 from mmgen.pipelines import InterleavedPipelineOutput, MMGenPipeline
@@ -176,6 +177,31 @@ def test_output_types(make_pipeline):
     array = pipe("draw.", max_new_tokens=8, num_inference_steps=1, max_images=1, output_type="np")
     assert latent.images[0][0].shape == (4, 8, 8)
     assert array.images[0][0].shape == (16, 16, 3) and 0 <= array.images[0][0].min() <= array.images[0][0].max() <= 1
+
+
+def test_stochastic_sampling_draws_each_pictures_step_noise_from_its_own_generator(make_pipeline):
+    """A scheduler with `stochastic_sampling` noises every flow step afresh, from the picture's own generator
+    (or, without one, from torch's global one): a row's picture is the same in a batch as alone, and not the
+    one deterministic steps draw from the same start."""
+    pipe = make_pipeline("llama", image_scale=6.0)
+    kwargs = dict(max_new_tokens=8, num_inference_steps=4, max_images=1, output_type="latent")
+    prompts, seeds = ["draw a red circle.", "draw a blue square."], [1, 2]
+
+    def first_pictures(prompts, seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds else None
+        return [images[0] for images in pipe(prompts, generator=generators, **kwargs).images]
+
+    deterministic = first_pictures(prompts, seeds)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    batched = first_pictures(prompts, seeds)
+    for k in range(len(prompts)):
+        torch.testing.assert_close(batched[k], first_pictures(prompts[k : k + 1], seeds[k : k + 1])[0])
+        assert (batched[k] - deterministic[k]).abs().max() > 1e-2
+    unseeded = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        unseeded.append(first_pictures(prompts[:1], None)[0])
+    torch.testing.assert_close(*unseeded)
 
 
 def test_callback_on_step_end_sees_every_flow_step(make_pipeline):

@@ -153,6 +153,20 @@ def test_a_folder_records_the_pipeline_defaults_it_ran_with(tmp_path):
                         progress=False)
 
 
+def test_a_folder_does_not_resume_under_another_sampler(tmp_path):
+    def oracle(stochastic: bool) -> Oracle:
+        model = Oracle(1, 1)
+        model.scheduler = SimpleNamespace(config={"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                                                  "stochastic_sampling": stochastic})
+        return model
+
+    run_shapesbench(oracle(True), n=1, seed=1, categories=["colors"], out_dir=tmp_path, progress=False)
+    assert json.loads((tmp_path / "settings.json").read_text())["generation"]["scheduler"] == {
+        "shift": 3.0, "stochastic_sampling": True}
+    with pytest.raises(ValueError, match="other settings"):
+        run_shapesbench(oracle(False), n=1, seed=1, categories=["colors"], out_dir=tmp_path, progress=False)
+
+
 def test_categories_accept_task_names_and_refuse_unknown_ones():
     assert resolve_categories(["story", "colors"]) == ["colors", "given", "free"]
     with pytest.raises(ValueError, match="unknown ShapesBench category 'colour'"):

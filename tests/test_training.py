@@ -56,7 +56,7 @@ def read_log(run: Path) -> list[dict]:
 def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_path, vae_dir):
     export = tmp_path / "model"
     config = write_config(tmp_path, vae_dir, max_steps=30, export_dir=str(export), recipe="configs/tiny.yaml",
-                          sampling_shift=3.0)
+                          sampling_shift=3.0, stochastic_sampling=True)
     model_args, args = parse_config((ModelArguments, TrainArguments), config)
     rows = Trainer(model_args, args).train()
     first = sum(r["loss"] for r in rows[:5]) / 5
@@ -66,6 +66,7 @@ def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_
     pipe = MMGenPipeline.from_pretrained(export)
     assert pipe.model.config.num_queries == TINY_MODEL["num_queries"]
     assert pipe.scheduler.config.shift == 3.0, "the recipe's sampling shift is saved with the scheduler"
+    assert pipe.scheduler.config.stochastic_sampling, "and so is its sampler"
     card = (export / "README.md").read_text()
     assert "configs/tiny.yaml" in card and (export / "training_curve.png").stat().st_size > 0
 
