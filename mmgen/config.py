@@ -116,8 +116,9 @@ class TrainArguments:
         default=False,
         metadata={"help": "Whether the exported scheduler samples stochastically: each step predicts the clean "
                           "latent and noises it afresh to the next level, instead of an Euler step along the "
-                          "predicted velocity. It keeps a small model from settling between two layouts or two "
-                          "colours, where a deterministic path drifts to their blend."},
+                          "predicted velocity. Measure both on your model: on mmgen-shapes it drew two-object "
+                          "and counting prompts right more often, and on an earlier stage single objects less "
+                          "often."},
     )
     drop_text_prob: float = 0.1
     drop_image_prob: float = 0.1
