@@ -32,6 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .attention_scores import apply_rotary
+from .model import with_cache
 from .pipelines.decoding import sampling_probs
 from .stream import TEXT, VISION
 
@@ -459,7 +460,8 @@ class DraftLMDrafter(Drafter):
     def _feed(self, cache: DynamicCache, ids: list[int]) -> torch.Tensor:
         """Run `ids` through the draft LM on top of `cache`; the logits after the last one."""
         input_ids = torch.tensor([ids], device=self.model.device)
-        return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[0, -1].float()
+        out = self.model(input_ids=input_ids, use_cache=True, **with_cache(self.model, cache))
+        return out.logits[0, -1].float()
 
 
 # -- vision-aware draft head -------------------------------------------------------------------------

@@ -8,6 +8,8 @@ any pipeline component. `UnifiedModel` drives any transformers causal LM through
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +28,22 @@ from .stream import IGNORE_INDEX, ImageSpan, PackedBatch
 RESAMPLER_PREFIX = "compressor.resampler."  # names of the learned resampler's weights in ImageModules
 PATCH_CONVS_PREFIX = "patch_convs."  # names of the weights `image_in_convs` adds
 REFERENCE_PREFIX = "flow_head.reference_in."  # names of the weights `head_reference` adds
+
+
+@functools.cache
+def _cache_argument(forward_owner: type) -> str:
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def with_cache(model: nn.Module, cache) -> dict:
+    """The KV cache as a keyword of `model.forward`: transformers 5 renamed `past_key_values` to `cache`
+    (the old name warns, and goes in a later release); the oldest supported versions know only the old one."""
+    return {_cache_argument(type(model)): cache}
+
+
+def returned_cache(output):
+    """The updated KV cache of a transformers output, under either name."""
+    return output["cache"] if "cache" in output else output.get("past_key_values")
 
 
 class PatchConvs(nn.Module):
@@ -269,16 +287,16 @@ class UnifiedModel(nn.Module):
         return self.text_embeddings(follows)[None] if len(follows) else None
 
     # -- backbone -------------------------------------------------------------------------------
-    def run_backbone(self, inputs_embeds, position_ids, attention_mask=None, past_key_values=None, use_cache=False):
+    def run_backbone(self, inputs_embeds, position_ids, attention_mask=None, cache=None, use_cache=False):
         """Hidden states of the last layer (after the final norm) and the updated cache."""
         out = self.backbone.base_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **with_cache(self.backbone.base_model, cache),
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, returned_cache(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_output_embeddings()(hidden).float()

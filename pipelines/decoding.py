@@ -81,7 +81,7 @@ class BatchCache:
         allowed = torch.cat([past_part, new_part], dim=-1)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
         hidden, self.cache = self.model.run_backbone(
-            embeds, positions, mask[:, None], past_key_values=self.cache, use_cache=True
+            embeds, positions, mask[:, None], cache=self.cache, use_cache=True
         )
         self.visible = torch.cat([self.visible, keep & real], dim=1)
         self.trim()
