@@ -79,6 +79,16 @@ def _extras(model_dir: Path) -> list[str]:
     return ["## Added after training", "", *found, ""] if found else []
 
 
+def _sampler(model_dir: Path) -> list[str]:
+    """The card line naming the scheduler the folder keeps: its ShapesBench figures were drawn with it."""
+    config = model_dir / "scheduler" / "scheduler_config.json"
+    if not config.is_file():
+        return []
+    scheduler = json.loads(config.read_text())
+    steps = "stochastic" if scheduler.get("stochastic_sampling") else "Euler"
+    return [f"- sampler: `{scheduler['_class_name']}`, shift {scheduler.get('shift', 1.0)}, {steps} steps"]
+
+
 def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, step: int, stage_start: int = 0,
                      previous: Path | None = None) -> Path:
     """Write README.md (and this stage's curve PNG) into `model_dir`. The curves of earlier stages found
@@ -101,6 +111,7 @@ def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, s
         f"- recipe: `mmgen train {recipe}`"
         + (f", a stage that continues the export of step {stage_start} (see the config's header)" if stage_start else ""),
         f"- trained steps: {step}",
+        *_sampler(model_dir),
         "",
         "## Training curve",
         "",

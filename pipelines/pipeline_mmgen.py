@@ -66,7 +66,7 @@ class StreamEvent:
 
 
 # Defaults of a generation call, which the command line, the demo and the benchmarks share.
-NUM_INFERENCE_STEPS = 25
+NUM_INFERENCE_STEPS = 50
 GUIDANCE_SCALE = 3.0
 IMAGE_GUIDANCE_SCALE = 1.5
 CFG_INTERVAL = (0.0, 1.0)

@@ -69,6 +69,7 @@ def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_
     assert pipe.scheduler.config.stochastic_sampling, "and so is its sampler"
     card = (export / "README.md").read_text()
     assert "configs/tiny.yaml" in card and (export / "training_curve.png").stat().st_size > 0
+    assert "- sampler: `FlowMatchEulerDiscreteScheduler`, shift 3.0, stochastic steps" in card
 
     # A ShapesBench summary saved beside the model later goes into the card, and the curve stays.
     (export / "shapesbench.json").write_text(json.dumps({"single_object": 0.5, "colors": 0.25, "step": 30,
