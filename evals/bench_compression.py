@@ -9,7 +9,7 @@ pool has no 8× level, so pool:4 at 16× is shown instead), on the same model in
 - prefill seconds of a context of 16 ShapesWorld images (latents ready) and a question: embedding and
   compression (prune-attn's scoring pass included) plus the backbone pass, median over repeats;
 - decode tokens/s after that prefill: greedy single-token steps on the same cache;
-- ShapesBench image→text accuracy (40 per category) and story consistency (16 per category) with that
+- ShapesBench image→text accuracy (40 per category) and story consistency (32 per category) with that
   compression (given and generated images); retention = the smaller of the two shares of `none`'s score
   that the level keeps, since the bar asks each to hold.
 
@@ -44,8 +44,10 @@ logger = logging.getLogger(__name__)
 LEARNED_OR_SCORED = ("merge", "prune-dup", "prune-attn", "dct", "resampler")
 CONTEXT_IMAGES = 16
 DECODE_TOKENS = 32
-# ShapesBench samples per category and task: questions are cheap, stories draw several pictures each.
-SHAPESBENCH_N = {"i2t": 40, "story": 16}  # 5 image→text categories, 2 story categories
+# ShapesBench samples per category and task: questions are cheap, stories draw several pictures each. Levels
+# differ by a few story steps the detector scores the other way; at 16 stories per category one such step
+# moved retention by 3%, too coarse for a 95% bar, hence 32.
+SHAPESBENCH_N = {"i2t": 40, "story": 32}  # 5 image→text categories, 2 story categories
 QUICK_SHAPESBENCH_N = {"color_qa": 1}  # a smoke test: one question per level, no stories
 
 
