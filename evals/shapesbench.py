@@ -396,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, help="run folder; rerunning on it resumes")
     parser.add_argument("--categories", nargs="+", default=None,
                         help="tasks or categories, space- or comma-separated (default: all)")
-    parser.add_argument("--n", type=int, default=200, help="samples per category")
+    parser.add_argument("--n", type=int, default=200,
+                        help="samples per category; the set depends on n: a smaller n is not the start of a larger one")
     parser.add_argument("--seed", type=int, default=0, help="seed of the benchmark set and of generation")
     parser.add_argument("--batch-size", type=int, default=8)
     add_guidance_options(parser)

@@ -291,7 +291,10 @@ def score(spec: dict, answer: Any) -> dict:
 
 
 def bench_samples(seed: int = 1234, per_category: int = 20, size: int = 64) -> list:
-    """A fixed benchmark set: `per_category` samples of every task category, from a world of `seed`."""
+    """A fixed benchmark set: `per_category` samples of every task category, from a world of `seed`.
+
+    Samples are numbered across categories, so every category but the first gets other samples at another
+    `per_category`: figures compare only between runs at the same n."""
     if per_category < 1:
         raise ValueError(f"per_category must be >= 1, got {per_category}")
     world = ShapesWorld(seed, size=size)
