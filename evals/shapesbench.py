@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from mmgen.cli import add_guidance_options, guidance_options
 from mmgen.segments import Image, Segment, Text, as_segments
 from mmgen.shapesworld import TASKS, Sample, bench_samples, score
+from mmgen.shapesworld.bench import ANSWER_TYPES
 from mmgen.shapesworld.tasks import MAX_STEPS
 
 from .format import atomic_write_text, safe_name, segments_to_json
@@ -196,7 +197,8 @@ def shapesbench_summary(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Headline accuracies (all in [0, 1]) from result rows, plus `n` per score.
 
     Keys: each text-to-image category by name and `t2i_overall` (mean over those categories); each
-    image-to-text category by name and `image_to_text`; `story_given`, `story_free` (structure times
+    image-to-text category by name, `image_to_text`, and the questions by answer type across categories
+    (`answers_yes_no`, `answers_number`, `answers_other`); `story_given`, `story_free` (structure times
     consistency), `story_structure`, `story_consistency`; `edit_<kind>` and `edit`. Tasks and categories
     with no rows are left out.
     """
@@ -227,6 +229,11 @@ def shapesbench_summary(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         else:
             # The mean over categories, so a category counts the same however many samples it has.
             put(aggregate, _mean([summary[prefix + c] for c in present]), len(task_rows))
+        if task == "i2t":
+            for kind in ANSWER_TYPES:
+                typed = [r for r in task_rows if r["scores"].get("answer_type") == kind]
+                if typed:
+                    put(f"answers_{kind.replace('/', '_')}", correct(typed), len(typed))
     summary["n"] = n
     return summary
 

@@ -89,6 +89,25 @@ def test_a_wrong_answer_scores_zero(tmp_path):
     assert "story_structure" not in summary and "edit" not in summary
 
 
+def test_answer_types_expose_a_model_that_says_yes_to_every_yes_no_question():
+    """Questions are also scored by answer type across categories: a model that answers "yes." to every
+    question scores on yes/no exactly the share of questions whose answer is yes, while the oracle scores
+    1.0 on every type."""
+    n = 40
+    oracle = Oracle(seed=3, n=n)
+    truth = run_shapesbench(oracle, n=n, seed=3, categories=["i2t"], progress=False)
+    assert truth["answers_yes_no"] == truth["answers_number"] == truth["answers_other"] == 1.0
+    presence = [s for s in bench_samples(3, n) if s.task == "i2t" and s.spec.get("kind") == "presence"]
+    assert truth["n"]["answers_yes_no"] == len(presence) > 0
+    assert truth["n"]["answers_number"] == n and "caption" not in [k[len("answers_"):] for k in truth["n"]]
+    assert sum(truth["n"][f"answers_{t}"] for t in ("yes_no", "number", "other")) == 4 * n  # captions left out
+    oracle.answers = {k: [Text(" yes.")] for k in oracle.answers}
+    yes = run_shapesbench(oracle, n=n, seed=3, categories=["i2t"], progress=False)
+    share = sum(s.spec["answer"] == "yes." for s in presence) / len(presence)
+    assert 0 < share < 1 and yes["answers_yes_no"] == pytest.approx(share)
+    assert yes["answers_number"] == yes["answers_other"] == 0.0
+
+
 def test_tiny_pipeline_run_gives_every_score_in_range_and_a_report(make_pipeline, tmp_path):
     pipe = make_pipeline("llama", image_scale=6.0)
     summary = run_shapesbench(pipe, n=2, seed=0, out_dir=tmp_path, progress=False, num_inference_steps=2)

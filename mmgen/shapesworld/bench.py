@@ -106,6 +106,20 @@ def score_t2i(spec: dict, image: Any) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+ANSWER_TYPES = ("yes/no", "number", "other")
+
+
+def answer_type(spec: dict) -> str | None:
+    """The answer type of an image-to-text question, as VQA v2 splits them: "yes/no" (is there ...?),
+    "number" (how many ...?) or "other"; None for a caption. A yes/no accuracy far below the others shows a
+    model that answers from the question alone, which a category's mean can hide."""
+    if spec["category"] == "caption":
+        return None
+    if spec.get("kind") == "presence":
+        return "yes/no"
+    return "number" if spec["category"] == "count_qa" else "other"
+
+
 def score_i2t(spec: dict, text: Any) -> bool:
     """True if the answer text is right.
 
@@ -269,7 +283,8 @@ def score_edit(spec: dict, image: Any, tol: float = CHANGE_TOL) -> bool:
 
 
 def score(spec: dict, answer: Any) -> dict:
-    """Score any ShapesWorld answer. Returns {"task", "category", "correct": float in [0, 1], ...}."""
+    """Score any ShapesWorld answer. Returns {"task", "category", "correct": float in [0, 1], ...}, with the
+    `answer_type` of an image-to-text question."""
     if not isinstance(spec, dict) or spec.get("task") not in TASKS:
         raise ValueError(f"not a ShapesWorld spec: {spec!r:.80}")
     task, category = spec["task"], spec["category"]
@@ -280,6 +295,8 @@ def score(spec: dict, answer: Any) -> dict:
         return out
     if task == "i2t":
         out["correct"] = float(score_i2t(spec, answer))
+        if answer_type(spec) is not None:
+            out["answer_type"] = answer_type(spec)
         return out
     images = [s for s in as_segments(list(answer) if isinstance(answer, (list, tuple)) else [answer])
               if isinstance(s, Image)]
