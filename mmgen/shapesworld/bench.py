@@ -295,8 +295,8 @@ def score(spec: dict, answer: Any) -> dict:
         return out
     if task == "i2t":
         out["correct"] = float(score_i2t(spec, answer))
-        if answer_type(spec) is not None:
-            out["answer_type"] = answer_type(spec)
+        if (kind := answer_type(spec)) is not None:
+            out["answer_type"] = kind
         return out
     images = [s for s in as_segments(list(answer) if isinstance(answer, (list, tuple)) else [answer])
               if isinstance(s, Image)]
