@@ -427,7 +427,8 @@ class MMGenPipeline(DiffusionPipeline):
         sampling = drafting.Sampling(temperature, top_k, top_p, banned, stops=(ids.eos, ids.image_start))
         draft = self._resolve_drafter(drafter)
         model = self.unified
-        model.eval()
+        if any(m.training for m in model.modules()):  # eval() sets a flag on every module: skip it when none trains
+            model.eval()
         generators = generator if isinstance(generator, list) else [generator] * len(prompts)
         self.last_stats = stats = GenerationStats()
         started = time.perf_counter()

@@ -171,6 +171,18 @@ def test_max_images_and_max_new_tokens_are_limits(make_pipeline):
     assert out.images[0] == [] and pipe.last_stats.text_tokens <= 10
 
 
+def test_generation_runs_in_eval_mode_even_after_part_of_the_model_was_put_in_training(make_pipeline):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    greedy = dict(max_new_tokens=12, num_inference_steps=1, max_images=1, output_type="latent")
+    before = pipe("draw.", generator=torch.Generator().manual_seed(0), **greedy)
+    attention = pipe.backbone.model.layers[0].self_attn
+    attention.train()  # as a fine-tuning loop may leave it; its dropout would then change the outputs
+    attention.attention_dropout = 0.5
+    after = pipe("draw.", generator=torch.Generator().manual_seed(0), **greedy)
+    assert not any(m.training for m in pipe.unified.modules())
+    assert after.text == before.text
+
+
 def test_output_types(make_pipeline):
     pipe = make_pipeline("llama", image_scale=6.0)
     latent = pipe("draw.", max_new_tokens=8, num_inference_steps=1, max_images=1, output_type="latent")
