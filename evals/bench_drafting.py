@@ -1,10 +1,10 @@
 """Benchmark case "drafting": speculative text decoding against plain decoding (DESIGN.md §6, §9).
 
 - Image-grounded prompts, in equal parts ShapesWorld captions, attribute/count/position QA, and story steps
-  with the earlier pictures in the context, one at a time: text tokens/s (image time excluded; also over
-  decoding alone, the prompt's reading and its first token left out), τ (also
-  per kind) and acceptance per drafter, and the lossless check (greedy output of every drafter
-  token-identical to plain decoding). A "ceiling" row replays plain decoding's own output as the draft:
+  with the earlier pictures in the context, one at a time: text tokens/s (image time excluded: the pictures
+  drawn, and the VAE encoding of the prompts' pictures, done once beforehand; also over decoding alone,
+  the prompt's reading and its first token left out), τ (also per kind) and acceptance per drafter, and
+  the lossless check (greedy output of every drafter token-identical to plain decoding). A "ceiling" row replays plain decoding's own output as the draft:
   its τ and speed bound what any drafter of the vision head's draft length can reach on these prompts.
   A vision head whose config offers `siblings` drafts trees; its "vision-head (chain)" row is the same
   head drafting chains, so the table shows whether the tree pays.
@@ -263,6 +263,8 @@ def drafting_case(pipe, options: BenchOptions) -> CaseResult:
     repeats = 1 if quick else options.repeats
     image_size = pipe.model.config.image_size
     kinds, grounded = map(list, zip(*grounded_prompts(6 if quick else 60, options.seed, image_size)))
+    for prompt in grounded:  # the VAE reads each prompt's pictures once: image time, not text time
+        pipe.encode_images(prompt)
     settings = dict(max_new_tokens=6 if quick else 64, num_inference_steps=1 if quick else 4, max_images=1,
                     temperature=0.0)
     drafters = available_drafters(pipe, quick)
