@@ -4,10 +4,11 @@
   with the earlier pictures in the context, one at a time: text tokens/s (image time excluded: the pictures
   drawn, and the VAE encoding of the prompts' pictures, done once beforehand; also over decoding alone,
   the prompt's reading and its first token left out), τ (also per kind) and acceptance per drafter, and
-  the lossless check (greedy output of every drafter token-identical to plain decoding). A "ceiling" row replays plain decoding's own output as the draft:
-  its τ and speed bound what any drafter of the vision head's draft length can reach on these prompts.
-  A vision head whose config offers `siblings` drafts trees; its "vision-head (chain)" row is the same
-  head drafting chains, so the table shows whether the tree pays.
+  the lossless check (greedy output of every drafter token-identical to plain decoding). A "ceiling" row
+  replays plain decoding's own output as the draft: its τ and speed bound what any drafter of the vision
+  head's draft length can reach on these prompts. A vision head whose config offers `siblings` drafts
+  trees; its "vision-head (chain)" row is the same head drafting chains, so the table shows whether the
+  tree pays.
 - Text-only prompts on the bare backbone: our drafters against transformers' own `generate()` plain,
   with `prompt_lookup_num_tokens` and with `assistant_model` (the same draft LM our `draft-lm` uses).
 - Batch 4 with drafting against batch 4 without: identical outputs and the throughput ratio.
