@@ -138,6 +138,12 @@ class TrainArguments:
         metadata={"help": "Share of two-object ShapesWorld text-to-image scenes laid out as their prompt reads "
                           "(see ShapesWorld)."},
     )
+    trainable_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Name prefixes of the parameters this stage trains, e.g. [image_modules.flow_head]; the "
+                          "rest stay frozen. Unset: all. A flow head fine-tuned alone keeps what the backbone "
+                          "reads, and costs a fraction of a full stage."},
+    )
     init_from: str | None = field(
         default=None,
         metadata={"help": "A saved pipeline folder whose weights (and step) a run starts from when it has no "

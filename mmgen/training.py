@@ -44,6 +44,21 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
+def freeze_all_but(model: torch.nn.Module, prefixes: list[str]) -> None:
+    """Train only the parameters under the named modules; a name that matches none is an error, not a no-op."""
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [prefix for prefix in prefixes if not any(under(name, prefix) for name in names)]
+    if unknown:
+        modules = sorted({".".join(name.split(".")[:2]) for name in names})
+        raise ValueError(f"trainable_modules: {', '.join(map(repr, unknown))} names no part of the model; "
+                         f"its modules are {', '.join(modules)}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(under(name, prefix) for prefix in prefixes))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The last complete checkpoint. A crash between the two renames of `save` leaves only `.old`."""
     for name in (CHECKPOINT, CHECKPOINT + ".old"):
@@ -79,6 +94,8 @@ class Trainer:
         )
         set_seed(args.seed)
         model, self.tokenizer = build_model(model_args)
+        if args.trainable_modules:
+            freeze_all_but(model, args.trainable_modules)
         self.codec = StreamCodec(self.tokenizer, model.num_queries)
         builder = BatchBuilder(self.codec, model.image_tokenizer, model.image_modules.compressor, args)
         rank = self.accelerator.process_index
@@ -208,6 +225,10 @@ class Trainer:
                     batch, flow_weight=args.flow_weight, flow_repeats=args.flow_repeats,
                     timestep_shift=args.timestep_shift, generator=generator
                 )
+                if not out.loss.requires_grad:
+                    raise ValueError(f"step {self.step}: this batch has no loss on the trainable modules "
+                                     f"({', '.join(args.trainable_modules or [])}); give the task mix samples "
+                                     f"that train them")
                 acc.backward(out.loss)
                 if acc.sync_gradients and args.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)

@@ -288,6 +288,36 @@ def test_a_stage_can_widen_what_the_flow_head_reads_of_a_model_trained_without(t
         Trainer(*parse_config((ModelArguments, TrainArguments), write_config(tmp_path, vae_dir, head_text_tokens=-1)))
 
 
+def test_a_stage_can_train_the_flow_head_alone(tmp_path, vae_dir):
+    """`trainable_modules` freezes the rest: the backbone and image input keep the exported weights exactly,
+    the head moves, and a resumed run sees the same split."""
+    export_first_stage(tmp_path, vae_dir, "plain")
+    (tmp_path / "b").mkdir()
+    head_only = write_config(tmp_path / "b", vae_dir, max_steps=5, init_from=str(tmp_path / "plain"),
+                             export_dir=str(tmp_path / "tuned"), trainable_modules=["image_modules.flow_head"],
+                             task_weights={"t2i": 1.0})
+    rows = Trainer(*parse_config((ModelArguments, TrainArguments), head_only)).train()
+    assert rows and all(math.isfinite(r["flow_loss"]) for r in rows)
+    before = MMGenPipeline.from_pretrained(tmp_path / "plain")
+    after = MMGenPipeline.from_pretrained(tmp_path / "tuned")
+    for name, tensor in before.backbone.state_dict().items():
+        assert torch.equal(after.backbone.state_dict()[name], tensor), name
+    moved = {name.split(".")[0] for name, tensor in before.model.state_dict().items()
+             if not torch.equal(after.model.state_dict()[name], tensor)}
+    assert moved == {"flow_head"}, moved
+    resumed = Trainer(*parse_config((ModelArguments, TrainArguments), head_only))
+    assert {name.split(".")[1] for name, p in resumed.unwrapped.named_parameters() if p.requires_grad} == {"flow_head"}
+
+    with pytest.raises(ValueError, match="'image_modules.flow_haed' names no part of the model"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
+            tmp_path, vae_dir, trainable_modules=["image_modules.flow_haed"])))
+    # A task mix that never draws a picture gives the head nothing to learn from: said at the first step.
+    no_pictures = write_config(tmp_path, vae_dir, max_steps=1, trainable_modules=["image_modules.flow_head"],
+                               task_weights={"i2t": 1.0})
+    with pytest.raises(ValueError, match="no loss on the trainable modules"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), no_pictures)).train()
+
+
 def test_a_stage_can_add_patch_convolutions_to_a_model_trained_without(tmp_path, vae_dir):
     """`image_in_convs` adds weights that start at zero: a stage from an export without them embeds images
     exactly as the export did, then trains them, and the export draws with them."""
