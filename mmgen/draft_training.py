@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from .config import DEFAULT_MODEL_DIR
@@ -95,6 +95,9 @@ class DrafterTrainArguments:
     argmax_weight: float = field(default=0.5, metadata={"help": "Weight of cross-entropy on the target's argmax."})
     feature_noise: float = 0.05
     log_every: int = 50
+    save_every: int = field(default=500, metadata={"help": "Steps between checkpoints of the training, kept beside "
+                                                           "the drafter's folder in `<folder>.checkpoint/` until it "
+                                                           "is saved, so an interrupted run resumes from the last."})
     eval_samples: int = 32
 
 
@@ -217,6 +220,15 @@ def trace_key(pipe, args: DrafterTrainArguments) -> str:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+NOT_TRAINING_FIELDS = ("model", "output_dir", "data_cache", "log_every", "save_every", "eval_samples")
+
+
+def fit_key(trace_key: str, args: DrafterTrainArguments) -> str:
+    """What a drafter's training depends on: its traces and every setting of the recipe that shapes it."""
+    fields = {f: v for f, v in vars(args).items() if f not in NOT_TRAINING_FIELDS}
+    return hashlib.sha256((trace_key + json.dumps(fields, sort_keys=True)).encode()).hexdigest()
 
 
 def cached_key(path: Path) -> str | None:
@@ -378,6 +390,7 @@ def build_head(pipe, args: DrafterTrainArguments) -> VisionDraftHead:
     config = pipe.backbone.config
     hidden = pipe.backbone.get_input_embeddings().weight.shape[1]
     intermediate = args.intermediate_size or getattr(config, "intermediate_size", None) or 4 * hidden
+    torch.manual_seed(args.seed)  # the same start whether the traces were generated or read from the cache
     return VisionDraftHead(
         hidden_size=hidden, num_heads=args.num_heads, intermediate_size=intermediate,
         image_adaptor=args.image_adaptor, adaptor_tokens=args.adaptor_tokens, rope_theta=10000.0,
@@ -385,35 +398,83 @@ def build_head(pipe, args: DrafterTrainArguments) -> VisionDraftHead:
     )
 
 
-def train_head(pipe, traces: list[TargetTrace], args: DrafterTrainArguments,
-               head: VisionDraftHead | None = None) -> VisionDraftHead:
+def train_head(pipe, traces: list[TargetTrace], args: DrafterTrainArguments, head: VisionDraftHead | None = None,
+               checkpoint: Path | None = None, key: str = "") -> VisionDraftHead:
     """Fit a vision head to the target's traces; the target itself stays frozen."""
     model = pipe.unified
     head = head or build_head(pipe, args)
-    head.to(model.device).train()
     embed = model.backbone.get_input_embeddings()
     lm_head = model.backbone.get_output_embeddings()
-    image_start = pipe.codec.ids.image_start
-    optimizer = torch.optim.AdamW(head.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+    image_start, banned = pipe.codec.ids.image_start, banned_tokens(pipe)
+
+    def batch_loss(batch: list[TargetTrace], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        loss, metrics = head_batch_loss(head, batch, embed, lm_head, args, image_start, banned, generator)
+        return loss, {"acc1": f"{metrics.get('acc_1', 0):.2f}"}
+
+    return fit(head.to(model.device), batch_loss, traces, args, "train head", checkpoint, key)
+
+
+def fit(module: torch.nn.Module, batch_loss, traces: list[TargetTrace], args: DrafterTrainArguments, desc: str,
+        checkpoint: Path | None, key: str) -> torch.nn.Module:
+    """The optimisation loop of both drafters. With `checkpoint` (a folder), its whole state (weights,
+    optimizer, schedule, and the random streams that draw batches and noise) is saved every `save_every`
+    steps under `key`, and a run that finds a checkpoint of the same key goes on from it as an unbroken
+    run would."""
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, args.warmup_steps, args.steps, 0.1)
     )
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(args.steps), desc="train head", unit="step")
+    first = load_fit_state(checkpoint, key, module, optimizer, schedule, rng, generator) if checkpoint else 0
+    bar = tqdm(range(first, args.steps), desc=desc, unit="step", initial=first, total=args.steps)
     for step in bar:
         batch = rng.sample(traces, min(args.batch_size, len(traces)))
-        loss, metrics = head_batch_loss(head, batch, embed, lm_head, args, image_start, banned_tokens(pipe), generator)
+        loss, postfix = batch_loss(batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % args.log_every == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc1=f"{metrics.get('acc_1', 0):.2f}")
-            logger.info("head step %d loss %.4f %s", step, loss.item(), json.dumps(metrics))
-    return head.eval().requires_grad_(False)
+            bar.set_postfix(loss=f"{loss.item():.3f}", **postfix)
+            logger.info("%s step %d loss %.4f %s", desc, step, loss.item(), json.dumps(postfix))
+        if checkpoint is not None and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            save_atomically(lambda tmp: save_fit_state(tmp, key, step + 1, module, optimizer, schedule, rng,
+                                                       generator), checkpoint)
+    return module.eval().requires_grad_(False)
+
+
+def save_fit_state(folder: Path, key: str, step: int, module, optimizer, schedule, rng: random.Random,
+                   generator: torch.Generator) -> None:
+    folder.mkdir(parents=True)
+    save_model(module, str(folder / "module.safetensors"))
+    save_file({"generator": generator.get_state()}, str(folder / "generator.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    version, state, gauss = rng.getstate()
+    (folder / "state.json").write_text(json.dumps({"key": key, "step": step, "schedule": schedule.state_dict(),
+                                                   "rng": [version, list(state), gauss]}))
+
+
+def load_fit_state(folder: Path, key: str, module, optimizer, schedule, rng: random.Random,
+                   generator: torch.Generator) -> int:
+    """Restore a checkpoint of `key` from `folder` and return its step; 0 if there is none of this key."""
+    state_file = folder / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if state is None or state["key"] != key:
+        if folder.exists():
+            logger.info("%s was saved by another target or recipe: training afresh", folder)
+        return 0
+    load_model(module, str(folder / "module.safetensors"))
+    generator.set_state(load_file(str(folder / "generator.safetensors"))["generator"])
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    schedule.load_state_dict(state["schedule"])
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    logger.info("resuming training from %s at step %d", folder, state["step"])
+    return state["step"]
 
 
 # -- 2b. a draft LM ----------------------------------------------------------------------------------
@@ -433,23 +494,17 @@ def build_draft_lm(pipe, args: DrafterTrainArguments):
     return AutoModelForCausalLM.from_config(config)
 
 
-def train_draft_lm(pipe, traces: list[TargetTrace], args: DrafterTrainArguments):
+def train_draft_lm(pipe, traces: list[TargetTrace], args: DrafterTrainArguments, checkpoint: Path | None = None,
+                   key: str = ""):
     """Fit a small causal LM to the target's next-token distributions over the text of each trace (images
     left out; where the stream skips an image the next text token is the target)."""
     model = pipe.unified
     lm_head = model.backbone.get_output_embeddings()
-    draft = build_draft_lm(pipe, args).to(model.device).train()
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, args.warmup_steps, args.steps, 0.1)
-    )
-    rng = random.Random(args.seed)
+    draft = build_draft_lm(pipe, args).to(model.device)
     pad = pipe.codec.ids.pad
     banned = torch.tensor(banned_tokens(pipe), dtype=torch.long, device=model.device)
-    bar = tqdm(range(args.steps), desc="train draft LM", unit="step")
-    for step in bar:
-        batch = rng.sample(traces, min(args.batch_size, len(traces)))
+
+    def batch_loss(batch: list[TargetTrace], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         texts = [[i for i, m in enumerate(t.modality) if m == TEXT] for t in batch]
         width = max(len(t) for t in texts)
         ids = torch.full((len(batch), width), pad, dtype=torch.long, device=model.device)
@@ -475,16 +530,9 @@ def train_draft_lm(pipe, traces: list[TargetTrace], args: DrafterTrainArguments)
         for k, (_, _, hard) in enumerate(picked):
             if hard is not None:
                 logp[k, hard] = 0.0
-        loss = F.kl_div(logq, logp, log_target=True, reduction="batchmean")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            logger.info("draft LM step %d loss %.4f", step, loss.item())
-    return draft.eval().requires_grad_(False)
+        return F.kl_div(logq, logp, log_target=True, reduction="batchmean"), {}
+
+    return fit(draft, batch_loss, traces, args, "train draft LM", checkpoint, key)
 
 
 # -- saving and checking -----------------------------------------------------------------------------
@@ -541,8 +589,8 @@ def train_drafter(args: DrafterTrainArguments) -> Path:
 
     if args.kind not in KINDS:
         raise ValueError(f"unknown drafter kind {args.kind!r}; known: {', '.join(KINDS)}")
-    if args.samples < 1 or args.steps < 1 or args.batch_size < 1 or args.unroll < 1:
-        raise ValueError("samples, steps, batch_size and unroll must be >= 1")
+    if min(args.samples, args.steps, args.batch_size, args.unroll, args.save_every) < 1:
+        raise ValueError("samples, steps, batch_size, unroll and save_every must be >= 1")
     torch.manual_seed(args.seed)
     model_dir = Path(args.model) if args.model not in (None, "default") else DEFAULT_MODEL_DIR
     pipe = MMGenPipeline.from_pretrained(model_dir)
@@ -562,10 +610,12 @@ def train_drafter(args: DrafterTrainArguments) -> Path:
             save_traces(traces, cache, key)
             shutil.rmtree(parts)
     folder = output_folder(model_dir, args)
+    checkpoint = folder.with_name(folder.name + ".checkpoint")
+    checkpoint_key = fit_key(key, args)
     held_out = sample_prompts(args, args.eval_samples, args.seed + 1, image_size)
     if args.kind == "vision-head":
         with torch.enable_grad():
-            head = train_head(pipe, traces, args)
+            head = train_head(pipe, traces, args, checkpoint=checkpoint, key=checkpoint_key)
         save_atomically(lambda tmp: head.save_pretrained(tmp, safe_serialization=True), folder)
         if folder == model_dir / "drafter":
             register_drafter(model_dir)
@@ -574,7 +624,7 @@ def train_drafter(args: DrafterTrainArguments) -> Path:
         drafter = VisionHeadDrafter(head, pipe.unified)
     else:
         with torch.enable_grad():
-            draft_lm = train_draft_lm(pipe, traces, args)
+            draft_lm = train_draft_lm(pipe, traces, args, checkpoint=checkpoint, key=checkpoint_key)
 
         def save(tmp: Path) -> None:
             draft_lm.save_pretrained(tmp, safe_serialization=True)
@@ -588,6 +638,7 @@ def train_drafter(args: DrafterTrainArguments) -> Path:
     summary = {**measure_tau(pipe, held_out, drafter, args), "samples": len(traces), "steps": args.steps}
     logger.info("drafter saved to %s: %s", folder, json.dumps(summary))
     (folder / "train_summary.json").write_text(json.dumps(summary))
+    shutil.rmtree(checkpoint)
     return folder
 
 

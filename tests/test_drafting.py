@@ -20,6 +20,7 @@ from mmgen.draft_training import (
     head_batch_loss,
     measure_tau,
     train_drafter,
+    train_draft_lm,
     train_head,
 )
 from mmgen.drafting import (
@@ -478,6 +479,7 @@ def test_train_drafter_saves_heads_into_the_model_folder_reusing_traces_of_the_s
                                  eval_samples=1, data_cache=str(tmp_path / "samples.safetensors"))
     folder = train_drafter(args)
     assert folder == tmp_path / "model" / "drafter"
+    assert not (tmp_path / "model" / "drafter.checkpoint").exists(), "the finished training's checkpoint goes"
     loaded = MMGenPipeline.from_pretrained(tmp_path / "model")
     assert isinstance(loaded.drafter, VisionDraftHead) and loaded.drafter.config.image_adaptor
     with caplog.at_level(logging.INFO, logger="mmgen.draft_training"):
@@ -532,6 +534,53 @@ def test_an_interrupted_trace_generation_resumes_after_its_saved_parts(make_pipe
     calls.clear()
     generate_traces(pipe, prompts, args, parts, key="other")
     assert calls == [[p] for p in prompts]
+
+
+@pytest.mark.parametrize("kind", ["vision-head", "draft-lm"])
+def test_an_interrupted_drafter_training_resumes_from_its_checkpoint_as_an_unbroken_run(
+        make_pipeline, tmp_path, monkeypatch, kind):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    picture = PIL.Image.new("RGB", (16, 16), (30, 200, 30))
+    prompts = [[Image(picture), Text(" what colour is it?")], [Text("tell a story about a square.")]]
+    args = DrafterTrainArguments(max_new_tokens=8, num_inference_steps=1, generation_batch_size=2, max_images=1,
+                                 steps=7, save_every=3, batch_size=1, learning_rate=1e-2, warmup_steps=2,
+                                 num_heads=4, intermediate_size=32, draft_lm_hidden_size=16, draft_lm_heads=2,
+                                 draft_lm_layers=1)
+    traces = generate_traces(pipe, prompts, args)
+
+    def train(checkpoint=None, key="k"):
+        with torch.enable_grad():
+            if kind == "draft-lm":
+                return train_draft_lm(pipe, traces, args, checkpoint=checkpoint, key=key)
+            return train_head(pipe, traces, args, checkpoint=checkpoint, key=key)
+
+    class Killed(Exception):
+        pass
+
+    unbroken = train().state_dict()
+    steps, kills, real_step = [], [], torch.optim.AdamW.step
+
+    def killed_at_step_5(self, *a, **kw):
+        steps.append(True)
+        if len(steps) == 5 and not kills:
+            kills.append(True)  # killed once, in its fifth step
+            raise Killed
+        return real_step(self, *a, **kw)
+
+    checkpoint = tmp_path / "drafter.checkpoint"
+    monkeypatch.setattr(torch.optim.AdamW, "step", killed_at_step_5)
+    with pytest.raises(Killed):
+        train(checkpoint)
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 3
+    steps.clear()
+    resumed = train(checkpoint).state_dict()
+    assert len(steps) == 4, "steps 4 to 7 only"
+    for name, tensor in unbroken.items():
+        assert torch.equal(resumed[name], tensor), name
+    # A checkpoint of another target or recipe is not resumed from.
+    steps.clear()
+    train(checkpoint, key="other")
+    assert len(steps) == 7
 
 
 def test_train_drafter_command_rejects_an_unknown_kind(capsys):
