@@ -261,6 +261,70 @@ def load_traces(path: Path) -> list[TargetTrace]:
     ]
 
 
+# -- 2. the training loop both drafters share --------------------------------------------------------
+def fit(module: torch.nn.Module, batch_loss, traces: list[TargetTrace], args: DrafterTrainArguments, desc: str,
+        checkpoint: Path | None, key: str) -> torch.nn.Module:
+    """The optimisation loop of both drafters. With `checkpoint` (a folder), its whole state (weights,
+    optimizer, schedule, and the random streams that draw batches and noise) is saved every `save_every`
+    steps under `key`, and a run that finds a checkpoint of the same key goes on from it as an unbroken
+    run would."""
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, args.warmup_steps, args.steps, 0.1)
+    )
+    rng = random.Random(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    first = load_fit_state(checkpoint, key, module, optimizer, schedule, rng, generator) if checkpoint else 0
+    bar = tqdm(range(first, args.steps), desc=desc, unit="step", initial=first, total=args.steps)
+    for step in bar:
+        batch = rng.sample(traces, min(args.batch_size, len(traces)))
+        loss, postfix = batch_loss(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", **postfix)
+            logger.info("%s step %d loss %.4f %s", desc, step, loss.item(), json.dumps(postfix))
+        if checkpoint is not None and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            save_atomically(lambda tmp: save_fit_state(tmp, key, step + 1, module, optimizer, schedule, rng,
+                                                       generator), checkpoint)
+    return module.eval().requires_grad_(False)
+
+
+def save_fit_state(folder: Path, key: str, step: int, module, optimizer, schedule, rng: random.Random,
+                   generator: torch.Generator) -> None:
+    folder.mkdir(parents=True)
+    save_model(module, str(folder / "module.safetensors"))
+    save_file({"generator": generator.get_state()}, str(folder / "generator.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    version, state, gauss = rng.getstate()
+    (folder / "state.json").write_text(json.dumps({"key": key, "step": step, "schedule": schedule.state_dict(),
+                                                   "rng": [version, list(state), gauss]}))
+
+
+def load_fit_state(folder: Path, key: str, module, optimizer, schedule, rng: random.Random,
+                   generator: torch.Generator) -> int:
+    """Restore a checkpoint of `key` from `folder` and return its step; 0 if there is none of this key."""
+    state_file = folder / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if state is None or state["key"] != key:
+        if folder.exists():
+            logger.info("%s was saved by another target or recipe: training afresh", folder)
+        return 0
+    load_model(module, str(folder / "module.safetensors"))
+    generator.set_state(load_file(str(folder / "generator.safetensors"))["generator"])
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    schedule.load_state_dict(state["schedule"])
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    logger.info("resuming training from %s at step %d", folder, state["step"])
+    return state["step"]
+
+
 # -- 2a. the vision head -----------------------------------------------------------------------------
 def head_batch_loss(head: VisionDraftHead, traces: list[TargetTrace], embed, lm_head, args: DrafterTrainArguments,
                     image_start: int, banned: Sequence[int] = (),
@@ -412,69 +476,6 @@ def train_head(pipe, traces: list[TargetTrace], args: DrafterTrainArguments, hea
         return loss, {"acc1": f"{metrics.get('acc_1', 0):.2f}"}
 
     return fit(head.to(model.device), batch_loss, traces, args, "train head", checkpoint, key)
-
-
-def fit(module: torch.nn.Module, batch_loss, traces: list[TargetTrace], args: DrafterTrainArguments, desc: str,
-        checkpoint: Path | None, key: str) -> torch.nn.Module:
-    """The optimisation loop of both drafters. With `checkpoint` (a folder), its whole state (weights,
-    optimizer, schedule, and the random streams that draw batches and noise) is saved every `save_every`
-    steps under `key`, and a run that finds a checkpoint of the same key goes on from it as an unbroken
-    run would."""
-    module.train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, args.warmup_steps, args.steps, 0.1)
-    )
-    rng = random.Random(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    first = load_fit_state(checkpoint, key, module, optimizer, schedule, rng, generator) if checkpoint else 0
-    bar = tqdm(range(first, args.steps), desc=desc, unit="step", initial=first, total=args.steps)
-    for step in bar:
-        batch = rng.sample(traces, min(args.batch_size, len(traces)))
-        loss, postfix = batch_loss(batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", **postfix)
-            logger.info("%s step %d loss %.4f %s", desc, step, loss.item(), json.dumps(postfix))
-        if checkpoint is not None and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            save_atomically(lambda tmp: save_fit_state(tmp, key, step + 1, module, optimizer, schedule, rng,
-                                                       generator), checkpoint)
-    return module.eval().requires_grad_(False)
-
-
-def save_fit_state(folder: Path, key: str, step: int, module, optimizer, schedule, rng: random.Random,
-                   generator: torch.Generator) -> None:
-    folder.mkdir(parents=True)
-    save_model(module, str(folder / "module.safetensors"))
-    save_file({"generator": generator.get_state()}, str(folder / "generator.safetensors"))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    version, state, gauss = rng.getstate()
-    (folder / "state.json").write_text(json.dumps({"key": key, "step": step, "schedule": schedule.state_dict(),
-                                                   "rng": [version, list(state), gauss]}))
-
-
-def load_fit_state(folder: Path, key: str, module, optimizer, schedule, rng: random.Random,
-                   generator: torch.Generator) -> int:
-    """Restore a checkpoint of `key` from `folder` and return its step; 0 if there is none of this key."""
-    state_file = folder / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else None
-    if state is None or state["key"] != key:
-        if folder.exists():
-            logger.info("%s was saved by another target or recipe: training afresh", folder)
-        return 0
-    load_model(module, str(folder / "module.safetensors"))
-    generator.set_state(load_file(str(folder / "generator.safetensors"))["generator"])
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    schedule.load_state_dict(state["schedule"])
-    version, internal, gauss = state["rng"]
-    rng.setstate((version, tuple(internal), gauss))
-    logger.info("resuming training from %s at step %d", folder, state["step"])
-    return state["step"]
 
 
 # -- 2b. a draft LM ----------------------------------------------------------------------------------
