@@ -144,6 +144,12 @@ class TrainArguments:
                           "rest stay frozen. Unset: all. A flow head fine-tuned alone keeps what the backbone "
                           "reads, and costs a fraction of a full stage."},
     )
+    fresh_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Name prefixes of the modules that start from their initial weights rather than from "
+                          "init_from, e.g. [image_modules.flow_head] for a new flow head, of another size too, on "
+                          "an exported backbone."},
+    )
     init_from: str | None = field(
         default=None,
         metadata={"help": "A saved pipeline folder whose weights (and step) a run starts from when it has no "

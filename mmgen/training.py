@@ -44,19 +44,35 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def freeze_all_but(model: torch.nn.Module, prefixes: list[str]) -> None:
-    """Train only the parameters under the named modules; a name that matches none is an error, not a no-op."""
-    def under(name: str, prefix: str) -> bool:
-        return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+def is_under(name: str, prefix: str) -> bool:
+    """Whether parameter `name` belongs to the module named `prefix` (or is that parameter)."""
+    return name == prefix or name.startswith(prefix.rstrip(".") + ".")
 
+
+def check_module_names(model: torch.nn.Module, setting: str, prefixes: list[str]) -> None:
+    """A name that matches no parameter of the model is an error that lists its modules, not a no-op."""
     names = [name for name, _ in model.named_parameters()]
-    unknown = [prefix for prefix in prefixes if not any(under(name, prefix) for name in names)]
+    unknown = [prefix for prefix in prefixes if not any(is_under(name, prefix) for name in names)]
     if unknown:
         modules = sorted({".".join(name.split(".")[:2]) for name in names})
-        raise ValueError(f"trainable_modules: {', '.join(map(repr, unknown))} names no part of the model; "
+        raise ValueError(f"{setting}: {', '.join(map(repr, unknown))} names no part of the model; "
                          f"its modules are {', '.join(modules)}")
+
+
+def freeze_all_but(model: torch.nn.Module, prefixes: list[str]) -> None:
+    """Train only the parameters under the named modules."""
+    check_module_names(model, "trainable_modules", prefixes)
     for name, param in model.named_parameters():
-        param.requires_grad_(any(under(name, prefix) for prefix in prefixes))
+        param.requires_grad_(any(is_under(name, prefix) for prefix in prefixes))
+
+
+def load_fitting(module: torch.nn.Module, weights: dict) -> tuple[list[str], list[str]]:
+    """Load the weights that fit `module`; returns its missing names (with those of another shape, which are
+    left out, not loaded into a torch error) and the unexpected ones."""
+    own = module.state_dict()
+    missing, unexpected = module.load_state_dict(
+        {k: v for k, v in weights.items() if k not in own or own[k].shape == v.shape}, strict=False)
+    return list(missing), list(unexpected)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -96,6 +112,11 @@ class Trainer:
         model, self.tokenizer = build_model(model_args)
         if args.trainable_modules:
             freeze_all_but(model, args.trainable_modules)
+        if args.fresh_modules:
+            if not args.init_from:
+                raise ValueError("fresh_modules starts some modules afresh beside the weights of init_from; "
+                                 "set init_from, or leave fresh_modules out to start all of them afresh")
+            check_module_names(model, "fresh_modules", args.fresh_modules)
         self.codec = StreamCodec(self.tokenizer, model.num_queries)
         builder = BatchBuilder(self.codec, model.image_tokenizer, model.image_modules.compressor, args)
         rank = self.accelerator.process_index
@@ -176,24 +197,37 @@ class Trainer:
 
         source = MMGenPipeline.from_pretrained(folder)
         model = self.unwrapped
-        model.backbone.load_state_dict(source.backbone.state_dict())
-        weights = source.model.state_dict()
+        fresh = self.args.fresh_modules or []
+
+        def is_fresh(name: str) -> bool:
+            return any(is_under(name, prefix) for prefix in fresh)
+
+        backbone = {k: v for k, v in source.backbone.state_dict().items() if not is_fresh("backbone." + k)}
+        missing, unexpected = load_fitting(model.backbone, backbone)
+        others = [k for k in missing if not is_fresh("backbone." + k)] + unexpected
+        if others:
+            raise ValueError(f"the backbone of {folder} does not fit this model's configuration: "
+                             f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
+        weights = {k: v for k, v in source.model.state_dict().items() if not is_fresh("image_modules." + k)}
         if model.image_modules.compressor.resampler is None and any(k.startswith(RESAMPLER_PREFIX) for k in weights):
             # The resampler reads the image tokens this training changes, so it is retrained afterwards
             # (`python -m mmgen.train_resampler`) rather than carried along stale.
             weights = {k: v for k, v in weights.items() if not k.startswith(RESAMPLER_PREFIX)}
             logger.warning("the learned resampler of %s is left out: retrain it after this run", folder)
-        missing, unexpected = model.image_modules.load_state_dict(weights, strict=False)
-        # Patch convolutions and a reference input that a stage adds start at zero (`PatchConvs`, `FlowHead`);
-        # any other mismatch is an error.
+        missing, unexpected = load_fitting(model.image_modules, weights)
+        # Patch convolutions and a reference input that a stage adds start at zero (`PatchConvs`, `FlowHead`), and
+        # fresh modules start from their initial weights; any other mismatch is an error.
         added = (PATCH_CONVS_PREFIX, REFERENCE_PREFIX)
-        others = [k for k in missing if not k.startswith(added)] + list(unexpected)
+        others = [k for k in missing if not k.startswith(added) and not is_fresh("image_modules." + k)]
+        others += unexpected
         if others:
             raise ValueError(f"the image modules of {folder} do not fit this model's configuration: "
                              f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
-        if missing:
-            new = [prefix.rstrip(".") for prefix in added if any(k.startswith(prefix) for k in missing)]
+        new = [prefix.rstrip(".") for prefix in added if any(k.startswith(prefix) for k in missing)]
+        if new:
             logger.info("%s has no %s: they start at zero", folder, ", ".join(new))
+        if fresh:
+            logger.info("%s start from their initial weights, not from %s", ", ".join(fresh), folder)
         state = Path(folder) / "training_state.json"
         self.step = json.loads(state.read_text())["step"] if state.is_file() else 0
         if self.step:

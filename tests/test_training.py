@@ -265,6 +265,17 @@ def export_first_stage(tmp_path: Path, vae_dir, name: str, max_steps: int = 2) -
     return tmp_path / name
 
 
+def image_modules_moved(before: Path, after: Path) -> set[str]:
+    """The image modules whose weights differ between two exports, after checking that their backbones are
+    the same bit for bit."""
+    first, second = (MMGenPipeline.from_pretrained(folder) for folder in (before, after))
+    for name, tensor in first.backbone.state_dict().items():
+        assert torch.equal(second.backbone.state_dict()[name], tensor), name
+    weights = second.model.state_dict()
+    return {name.split(".")[0] for name, tensor in first.model.state_dict().items()
+            if not torch.equal(weights[name], tensor)}
+
+
 def test_a_stage_can_widen_what_the_flow_head_reads_of_a_model_trained_without(tmp_path, vae_dir):
     """`head_text_tokens` and `head_image_tokens` add no weights, and `head_reference` adds a projection that
     starts at zero, so a stage starts from a queries-only export and trains the head on all it now reads;
@@ -298,12 +309,7 @@ def test_a_stage_can_train_the_flow_head_alone(tmp_path, vae_dir):
                              task_weights={"t2i": 1.0})
     rows = Trainer(*parse_config((ModelArguments, TrainArguments), head_only)).train()
     assert rows and all(math.isfinite(r["flow_loss"]) for r in rows)
-    before = MMGenPipeline.from_pretrained(tmp_path / "plain")
-    after = MMGenPipeline.from_pretrained(tmp_path / "tuned")
-    for name, tensor in before.backbone.state_dict().items():
-        assert torch.equal(after.backbone.state_dict()[name], tensor), name
-    moved = {name.split(".")[0] for name, tensor in before.model.state_dict().items()
-             if not torch.equal(after.model.state_dict()[name], tensor)}
+    moved = image_modules_moved(tmp_path / "plain", tmp_path / "tuned")
     assert moved == {"flow_head"}, moved
     resumed = Trainer(*parse_config((ModelArguments, TrainArguments), head_only))
     assert {name.split(".")[1] for name, p in resumed.unwrapped.named_parameters() if p.requires_grad} == {"flow_head"}
@@ -316,6 +322,40 @@ def test_a_stage_can_train_the_flow_head_alone(tmp_path, vae_dir):
                                task_weights={"i2t": 1.0})
     with pytest.raises(ValueError, match="no loss on the trainable modules"):
         Trainer(*parse_config((ModelArguments, TrainArguments), no_pictures)).train()
+
+
+def test_a_stage_can_start_a_new_flow_head_of_another_size_on_an_exported_backbone(tmp_path, vae_dir):
+    """`fresh_modules` leaves the named modules at their initial weights and loads the rest: a larger head
+    starts on the exported backbone and image input, which stay the export's exactly while the head trains.
+    Without the setting the sizes clash, in a clear error rather than torch's, and it needs a model to start
+    the rest from."""
+    export_first_stage(tmp_path, vae_dir, "plain")
+    (tmp_path / "b").mkdir()
+    larger = dict(head_hidden_size=48, head_layers=3, init_from=str(tmp_path / "plain"), task_weights={"t2i": 1.0},
+                  trainable_modules=["image_modules.flow_head"])
+    with pytest.raises(ValueError, match="do not fit this model's configuration: flow_head"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
+            tmp_path / "b", vae_dir, max_steps=2, **larger))).train()
+    fresh = write_config(tmp_path / "b", vae_dir, max_steps=3, export_dir=str(tmp_path / "fresh"),
+                         fresh_modules=["image_modules.flow_head"], **larger)
+    rows = Trainer(*parse_config((ModelArguments, TrainArguments), fresh)).train()
+    assert rows and all(math.isfinite(r["flow_loss"]) for r in rows)
+    moved = image_modules_moved(tmp_path / "plain", tmp_path / "fresh")
+    assert moved == {"flow_head"}, moved
+    after = MMGenPipeline.from_pretrained(tmp_path / "fresh")
+    assert after.model.config.head_hidden_size == 48 and len(after.model.flow_head.blocks) == 3
+    assert after("draw a red circle.", max_new_tokens=4, num_inference_steps=2, max_images=1).segments[0]
+
+    with pytest.raises(ValueError, match="'image_modules.flow_haed' names no part of the model"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
+            tmp_path, vae_dir, init_from=str(tmp_path / "plain"), fresh_modules=["image_modules.flow_haed"])))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ValueError, match="the backbone of .* does not fit this model's configuration"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
+            tmp_path / "c", vae_dir, max_steps=2, **{**larger, "intermediate_size": 96}))).train()
+    with pytest.raises(ValueError, match="fresh_modules .* set init_from"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
+            tmp_path, vae_dir, fresh_modules=["image_modules.flow_head"])))
 
 
 def test_a_stage_can_add_patch_convolutions_to_a_model_trained_without(tmp_path, vae_dir):
