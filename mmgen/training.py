@@ -202,30 +202,26 @@ class Trainer:
         def is_fresh(name: str) -> bool:
             return any(is_under(name, prefix) for prefix in fresh)
 
-        backbone = {k: v for k, v in source.backbone.state_dict().items() if not is_fresh("backbone." + k)}
-        missing, unexpected = load_fitting(model.backbone, backbone)
-        others = [k for k in missing if not is_fresh("backbone." + k)] + unexpected
-        if others:
-            raise ValueError(f"the backbone of {folder} does not fit this model's configuration: "
-                             f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
-        weights = {k: v for k, v in source.model.state_dict().items() if not is_fresh("image_modules." + k)}
+        weights = source.model.state_dict()
         if model.image_modules.compressor.resampler is None and any(k.startswith(RESAMPLER_PREFIX) for k in weights):
             # The resampler reads the image tokens this training changes, so it is retrained afterwards
             # (`python -m mmgen.train_resampler`) rather than carried along stale.
             weights = {k: v for k, v in weights.items() if not k.startswith(RESAMPLER_PREFIX)}
             logger.warning("the learned resampler of %s is left out: retrain it after this run", folder)
-        missing, unexpected = load_fitting(model.image_modules, weights)
         # Patch convolutions and a reference input that a stage adds start at zero (`PatchConvs`, `FlowHead`), and
         # fresh modules start from their initial weights; any other mismatch is an error.
         added = (PATCH_CONVS_PREFIX, REFERENCE_PREFIX)
-        others = [k for k in missing if not k.startswith(added) and not is_fresh("image_modules." + k)]
-        others += unexpected
-        if others:
-            raise ValueError(f"the image modules of {folder} do not fit this model's configuration: "
-                             f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
-        new = [prefix.rstrip(".") for prefix in added if any(k.startswith(prefix) for k in missing)]
-        if new:
-            logger.info("%s has no %s: they start at zero", folder, ", ".join(new))
+        for part, label, saved, may_add in (("backbone", "backbone", source.backbone.state_dict(), ()),
+                                            ("image_modules", "image-module", weights, added)):
+            missing, unexpected = load_fitting(getattr(model, part), {
+                k: v for k, v in saved.items() if not is_fresh(f"{part}.{k}")})
+            others = [k for k in missing if not k.startswith(may_add) and not is_fresh(f"{part}.{k}")] + unexpected
+            if others:
+                raise ValueError(f"the {label} weights of {folder} do not fit this model's configuration: "
+                                 f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
+            new = [prefix.rstrip(".") for prefix in may_add if any(k.startswith(prefix) for k in missing)]
+            if new:
+                logger.info("%s has no %s: they start at zero", folder, ", ".join(new))
         if fresh:
             logger.info("%s start from their initial weights, not from %s", ", ".join(fresh), folder)
         state = Path(folder) / "training_state.json"

@@ -350,7 +350,7 @@ def test_a_stage_can_start_a_new_flow_head_of_another_size_on_an_exported_backbo
         Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
             tmp_path, vae_dir, init_from=str(tmp_path / "plain"), fresh_modules=["image_modules.flow_haed"])))
     (tmp_path / "c").mkdir()
-    with pytest.raises(ValueError, match="the backbone of .* does not fit this model's configuration"):
+    with pytest.raises(ValueError, match="the backbone weights of .* do not fit this model's configuration"):
         Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
             tmp_path / "c", vae_dir, max_steps=2, **{**larger, "intermediate_size": 96}))).train()
     with pytest.raises(ValueError, match="fresh_modules .* set init_from"):
