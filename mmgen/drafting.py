@@ -590,10 +590,20 @@ class VisionDraftHead(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.image_global[2].weight)  # starts as the head without images
             nn.init.zeros_(self.image_global[2].bias)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._decoding: DecodingLayer | None = None
 
     @property
     def num_heads(self) -> int:
         return self.config.num_heads
+
+    def decoding_layer(self, embed: nn.Embedding, lm_head: nn.Module) -> DecodingLayer:
+        """The layer in the form drafting runs it, with the target's token embedding and LM head; built again
+        only when a weight has changed (trained, loaded or moved) since the last call."""
+        weights = (*self.parameters(), embed.weight, lm_head.weight)
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if self._decoding is None or self._decoding.key != key:
+            self._decoding = DecodingLayer(self, embed, lm_head, key)
+        return self._decoding
 
     # -- inputs ---------------------------------------------------------------------------------------
     def embed_items(self, items: Sequence[PairItem | ImageItem], embed,
@@ -684,6 +694,84 @@ class VisionDraftHead(ModelMixin, ConfigMixin):
         return table[0][positions], table[1][positions]
 
 
+def _rotated_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a projection whose outputs are `rotate_half` of the original's, head by head."""
+    first, second = weight.view(heads, -1, weight.shape[-1]).chunk(2, dim=1)
+    return torch.cat([-second, first], dim=1).reshape_as(weight)
+
+
+class DecodingLayer:
+    """A `VisionDraftHead`'s layer as drafting runs it: the same weights, refolded so that one draft step
+    costs about twenty tensor ops instead of about forty-five. At this size an op costs more than its
+    arithmetic, so the op count is a step's time.
+
+    Folded in: the norms' scales into the matrices after them; `rotate_half` of q and k as extra rows of
+    the qkv projection, so rotary is one multiply-add; the token half of `fuse`, applied to every
+    embedding once, as a table; the banned tokens as a bias of the LM head. The rows of a batch share
+    every matrix product and attend each to its own cache, so they need no padding.
+    """
+
+    def __init__(self, head: VisionDraftHead, embed: nn.Embedding, lm_head: nn.Module, key: tuple):
+        config = head.config
+        d, heads = config.hidden_size, head.num_heads
+        self.key, self.heads, self.eps, self.rotary = key, heads, config.norm_eps, head.rotary
+        with torch.no_grad():
+            feature_half, token_half = head.fuse.weight.split(d, dim=1)
+            self.token_table = F.linear(embed.weight.to(token_half.dtype), token_half, head.fuse.bias)
+            self.feature_in = feature_half.t().contiguous()
+            q, k, v = head.qkv.weight.chunk(3)
+            rows = torch.cat([q, k, _rotated_rows(q, heads), _rotated_rows(k, heads), v])
+            self.qkv = (rows * head.attn_norm.weight).t().contiguous()
+            self.out = head.out.weight.t().contiguous()
+            self.gate_up = (head.gate_up.weight * head.mlp_norm.weight).t().contiguous()
+            self.down = head.down.weight.t().contiguous()
+            self.final_norm = head.final_norm.weight.detach()
+            self.lm_head = lm_head.weight.t().to(token_half.dtype).contiguous()
+            bias = getattr(lm_head, "bias", None)
+            self.lm_bias = torch.zeros(self.lm_head.shape[1], dtype=token_half.dtype, device=token_half.device) \
+                if bias is None else bias.detach().to(token_half.dtype)
+
+    def inputs(self, features: torch.Tensor, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """`VisionDraftHead.pair_inputs` of features (B, d), token ids (B,) and global vectors (B, d)."""
+        return torch.addmm(self.token_table[tokens] + image, features, self.feature_in)
+
+    def logit_bias(self, banned: Sequence[int]) -> torch.Tensor:
+        """The LM head's bias with -inf at the banned tokens, for `logits`."""
+        if not banned:
+            return self.lm_bias
+        return self.lm_bias.index_fill(0, torch.tensor(banned, device=self.lm_bias.device), float("-inf"))
+
+    def logits(self, features: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(bias, features, self.lm_head).float()
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, caches: list[RowCache], counts: list[int],
+            true: bool) -> torch.Tensor:
+        """The layer over new items x (N, d) at positions (N,): the first counts[0] belong to the row whose
+        cache is caches[0], and so on. Their keys and values go into the caches (`true`: to stay), each item
+        attends to its row's cache up to itself, and the predicted features (N, d) come back."""
+        total, d = x.shape
+        heads, dim = self.heads, d // self.heads
+        projected = torch.mm(F.rms_norm(x, (d,), eps=self.eps), self.qkv)
+        cos, sin = (table[:, None].to(x.dtype) for table in self.rotary(positions))
+        qk = torch.addcmul(projected[:, : 2 * d].view(total, 2 * heads, dim) * cos,
+                           projected[:, 2 * d : 4 * d].view(total, 2 * heads, dim), sin)
+        q, k = qk[:, :heads].transpose(0, 1), qk[:, heads:].transpose(0, 1)
+        v = projected[:, 4 * d :].view(total, heads, dim).transpose(0, 1)
+        attended, start = [], 0
+        for cache, n in zip(caches, counts):
+            depth, end = cache.length, start + n
+            cache.append(k[:, start:end], v[:, start:end], true)
+            keys, values = cache.view()
+            mask = None if n == 1 else torch.ones(n, depth + n, dtype=torch.bool, device=x.device).tril(depth)
+            attended.append(F.scaled_dot_product_attention(q[:, start:end], keys, values, attn_mask=mask))
+            start = end
+        attended = (attended[0] if len(attended) == 1 else torch.cat(attended, dim=1)).transpose(0, 1)
+        x = torch.addmm(x, attended.reshape(total, d), self.out)
+        gate, up = torch.mm(F.rms_norm(x, (d,), eps=self.eps), self.gate_up).chunk(2, dim=-1)
+        x = torch.addmm(x, F.silu(gate) * up, self.down)
+        return F.rms_norm(x, (d,), self.final_norm, self.eps)
+
+
 class RowCache:
     """One row's keys and values (H, T, Dh) in the draft head's layer, in buffers that double when full, so
     a draft step writes only its own keys. Items past `true_length` are drafted ones, dropped at the next
@@ -722,7 +810,8 @@ class VisionHeadDrafter(Drafter):
     Drafting stops at `max_draft` tokens or when the product of the head's top probabilities falls below
     `stop_below` (a cheap stand-in for EAGLE-2's confidence-shaped drafts). Greedy drafts also carry the
     head's next `siblings` choices at every depth (`Draft.alternatives`): the target verifies them in the
-    same pass, and where it rejects the head's first choice it often picks its second.
+    same pass, and where it rejects the head's first choice it often picks its second. The head's layer
+    runs as its `DecodingLayer`.
     """
 
     name = "vision-head"
@@ -743,6 +832,9 @@ class VisionHeadDrafter(Drafter):
         self.caches = [RowCache() for _ in range(batch_size)]
         self.globals: list[dict[int, torch.Tensor]] = [{} for _ in range(batch_size)]
         self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        backbone = self.model.backbone
+        self.layer = self.head.decoding_layer(backbone.get_input_embeddings(), backbone.get_output_embeddings())
+        self.logit_bias = self.layer.logit_bias(sampling.banned)
 
     def extend(self, row: int, update: ContextUpdate) -> None:
         self.queued[row] += self.walkers[row].feed(update)
@@ -764,13 +856,17 @@ class VisionHeadDrafter(Drafter):
                 positions.append(pos)
         if not fed:
             return drafts
-        outs = self._run([requests[k].row for k, _ in fed], inputs, positions, true=True)
+        counts = [len(x) for x in inputs]
+        out = self.layer.run(torch.cat(inputs), torch.cat(positions), [self.caches[requests[k].row] for k, _ in fed],
+                             counts, true=True)
         # Rows whose newest item is the pending token's draft from its prediction.
         live = [k for k, ready in fed if ready]
         if not live:
             return drafts
-        features = torch.stack([out[-1] for out, (_, ready) in zip(outs, fed) if ready])
-        positions = [int(pos[-1]) for pos, (_, ready) in zip(positions, fed) if ready]
+        ready = [j for j, (_, is_ready) in enumerate(fed) if is_ready]
+        ends = torch.tensor(counts, device=out.device).cumsum(0) - 1
+        features = out[ends[ready]]
+        positions = [int(positions[j][-1]) for j in ready]
         rows = [requests[k].row for k in live]
         zero = features.new_zeros(features.shape[-1])
         image = torch.stack([self._global(r, zero) for r in rows])
@@ -779,7 +875,7 @@ class VisionHeadDrafter(Drafter):
         active = list(range(len(live)))  # the rows still drafting; features and image hold theirs only
         # The per-row bookkeeping runs on Python numbers: a draft step costs a few tensor ops, not dozens.
         for step in range(max(limits)):
-            logits = self.sampling.mask(self.model.logits(features))
+            logits = self.layer.logits(features, self.logit_bias)
             if self.sampling.greedy:
                 best, ranked = logits.softmax(-1).topk(1 + self.siblings, dim=-1)
                 top, choices = best[:, 0].tolist(), ranked.tolist()
@@ -806,11 +902,10 @@ class VisionHeadDrafter(Drafter):
                 keep = torch.tensor(going, device=features.device)
                 features, image = features[keep], image[keep]
             active = [active[j] for j in going]
-            token_ids = torch.tensor([tokens[j] for j in going], device=features.device)
-            x = self.head.pair_inputs(features, self.model.text_embeddings(token_ids).to(features.dtype), image)
-            outs = self._run([rows[a] for a in active], list(x[:, None]),
-                             [torch.tensor([positions[a] + step + 1], device=x.device) for a in active], true=False)
-            features = torch.cat(outs)
+            x = self.layer.inputs(features, torch.tensor([tokens[j] for j in going], device=features.device), image)
+            step_positions = torch.tensor([positions[a] + step + 1 for a in active], device=x.device)
+            features = self.layer.run(x, step_positions, [self.caches[rows[a]] for a in active], [1] * len(active),
+                                      true=False)
         return drafts
 
     def _global(self, row: int, zero: torch.Tensor) -> torch.Tensor:
@@ -819,45 +914,3 @@ class VisionHeadDrafter(Drafter):
         if not self.head.config.image_adaptor or latest < 0:
             return zero
         return self.globals[row][latest][1]
-
-    def _run_one(self, row: int, x: torch.Tensor, positions: torch.Tensor, true: bool) -> torch.Tensor:
-        """The head over one row's new items: their keys go straight into the row's cache, and the items
-        attend to it there."""
-        cache, n = self.caches[row], len(x)
-        depth = cache.length
-        q, k, v = self.head.project(x[None], positions[None])
-        cache.append(k[0], v[0], true)
-        keys, values = cache.view()
-        mask = None if n == 1 else torch.ones(n, depth + n, dtype=torch.bool, device=x.device).tril(depth)[None]
-        return self.head.attend(x[None], q, keys[None], values[None], mask)[0]
-
-    def _run(self, rows: list[int], inputs: list[torch.Tensor], positions: list[torch.Tensor], true: bool):
-        """One batched pass of the head over each row's new items on top of its cache; returns the features."""
-        head = self.head
-        if len(rows) == 1:  # no padding needed
-            return [self._run_one(rows[0], inputs[0], positions[0], true)]
-        device, dtype = inputs[0].device, inputs[0].dtype
-        heads, dim = head.num_heads, head.config.hidden_size // head.num_heads
-        past = [self.caches[r].length for r in rows]
-        width, depth = max(len(x) for x in inputs), max(past)
-        x = torch.zeros(len(rows), width, head.config.hidden_size, device=device, dtype=dtype)
-        pos = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        past_k = torch.zeros(len(rows), heads, depth, dim, device=device, dtype=dtype)
-        past_v = torch.zeros_like(past_k)
-        seen = torch.zeros(len(rows), width, depth + width, dtype=torch.bool, device=device)
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril_()
-        for b, (r, xs, ps) in enumerate(zip(rows, inputs, positions)):
-            n = len(xs)
-            x[b, :n], pos[b, :n] = xs, ps
-            if past[b]:
-                past_k[b, :, : past[b]], past_v[b, :, : past[b]] = self.caches[r].view()
-                seen[b, :, : past[b]] = True
-            seen[b, :, depth : depth + n] = causal[:, :n]
-            seen[b, n:, depth + n :] |= torch.eye(width, dtype=torch.bool, device=device)[n:, n:]  # padding sees itself
-        out, k, v = head(x, pos, seen, (past_k, past_v))
-        results = []
-        for b, r in enumerate(rows):
-            n = len(inputs[b])
-            self.caches[r].append(k[b, :, :n], v[b, :, :n], true)
-            results.append(out[b, :n])
-        return results

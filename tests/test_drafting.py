@@ -28,6 +28,8 @@ from mmgen.drafting import (
     Draft,
     Drafter,
     DraftLMDrafter,
+    DraftRequest,
+    ItemWalker,
     NgramDrafter,
     RowCache,
     Sampling,
@@ -420,8 +422,6 @@ def test_vision_head_follows_the_target_incrementally_as_in_training(make_pipeli
     cut = len(update.ids) - 3
     drafter.extend(0, ContextUpdate(update.ids[:cut], update.positions[:cut], update.modality[:cut],
                                     update.hidden[:cut]))
-    from mmgen.drafting import DraftRequest, ItemWalker
-
     drafter.propose([DraftRequest(0, pending=update.ids[cut], position=update.positions[cut], max_tokens=1)])
     walker = ItemWalker(True)
     items = walker.feed(ContextUpdate(update.ids[:cut], update.positions[:cut], update.modality[:cut],
@@ -431,6 +431,46 @@ def test_vision_head_follows_the_target_incrementally_as_in_training(make_pipeli
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     _, keys, _ = head(x[None], positions[None], causal[None])
     assert torch.allclose(drafter.caches[0].view()[0], keys[0], atol=1e-5)
+
+
+def test_drafting_runs_the_heads_layer_as_the_head_computes_it_for_rows_of_any_length(make_pipeline):
+    """`DecodingLayer` folds the head's weights for drafting: rows of different lengths in one call, and a
+    draft step on top of their caches, get what the head's own forward gives each row alone."""
+    pipe = make_pipeline("llama")
+    head = random_head(pipe).eval()
+    model = pipe.unified
+    embed, lm_head = model.backbone.get_input_embeddings(), model.backbone.get_output_embeddings()
+    d = head.config.hidden_size
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for norm in (head.attn_norm, head.mlp_norm, head.final_norm):  # scales to fold, not ones
+            norm.weight.uniform_(0.5, 1.5)
+        layer = head.decoding_layer(embed, lm_head)
+        xs, positions = [torch.randn(5, d), torch.randn(2, d)], [torch.arange(3, 8), torch.arange(2)]
+        caches = [RowCache(), RowCache()]
+        ingested = layer.run(torch.cat(xs), torch.cat(positions), caches, [5, 2], true=True).split([5, 2])
+        step = torch.randn(2, d)
+        stepped = layer.run(step, torch.tensor([8, 2]), caches, [1, 1], true=False)
+        for b, (x, pos) in enumerate(zip(xs, positions)):
+            n = len(x)
+            causal = torch.ones(n + 1, n + 1, dtype=torch.bool).tril()
+            expected, keys, _ = head(torch.cat([x, step[b : b + 1]])[None], torch.cat([pos, pos[-1:] + 1])[None],
+                                     causal[None])
+            torch.testing.assert_close(ingested[b], expected[0, :n], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(stepped[b], expected[0, n], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(caches[b].view()[0], keys[0], atol=1e-5, rtol=1e-4)
+
+        features, tokens, image = torch.randn(3, d), torch.tensor([4, 7, 9]), torch.randn(3, d)
+        torch.testing.assert_close(layer.inputs(features, tokens, image),
+                                   head.pair_inputs(features, embed(tokens), image), atol=1e-5, rtol=1e-4)
+        banned = Sampling(banned=(1, 2))
+        torch.testing.assert_close(layer.logits(features, layer.logit_bias(banned.banned)),
+                                   banned.mask(model.logits(features)), atol=1e-5, rtol=1e-4)
+
+        assert head.decoding_layer(embed, lm_head) is layer, "folded once per set of weights"
+        head.out.weight.mul_(2)  # as a training step would change it
+        refolded = head.decoding_layer(embed, lm_head)
+        assert refolded is not layer and torch.allclose(refolded.out, 2 * layer.out)
 
 
 def test_vision_head_trains_and_drafts_with_tau_above_one(make_pipeline):
