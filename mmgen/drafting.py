@@ -660,26 +660,17 @@ class VisionDraftHead(ModelMixin, ConfigMixin):
         """x (B, T, d) at positions (B, T) → predicted next features (B, T, d), and this step's keys and
         values (B, H, T, Dh). `mask` (B, T, P + T) says which of the P past and T new items each item sees
         (None: all of them)."""
-        q, k, v = self.project(x, positions)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        return self.attend(x, q, keys, values, mask), k, v
-
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The layer's rotated queries and keys, and its values (B, H, T, Dh), of x (B, T, d) at positions."""
         b, t, d = x.shape
         qkv = self.qkv(self.attn_norm(x)).view(b, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         cos, sin = (table[:, None].to(q.dtype) for table in self.rotary(positions))
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v  # one table for both
-
-    def attend(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """The rest of the layer after `project`, with the queries attending to `keys` and `values`."""
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # one table for both
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask[:, None])
         x = x + self.out(attended.transpose(1, 2).reshape(x.shape))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         x = x + self.down(F.silu(gate) * up)
-        return self.final_norm(x)
+        return self.final_norm(x), k, v
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (..., T, Dh) at positions (..., T), read from a table built once and grown when a
@@ -860,10 +851,10 @@ class VisionHeadDrafter(Drafter):
         out = self.layer.run(torch.cat(inputs), torch.cat(positions), [self.caches[requests[k].row] for k, _ in fed],
                              counts, true=True)
         # Rows whose newest item is the pending token's draft from its prediction.
-        live = [k for k, ready in fed if ready]
-        if not live:
-            return drafts
         ready = [j for j, (_, is_ready) in enumerate(fed) if is_ready]
+        if not ready:
+            return drafts
+        live = [fed[j][0] for j in ready]
         ends = torch.tensor(counts, device=out.device).cumsum(0) - 1
         features = out[ends[ready]]
         positions = [int(positions[j][-1]) for j in ready]
@@ -881,7 +872,8 @@ class VisionHeadDrafter(Drafter):
                 top, choices = best[:, 0].tolist(), ranked.tolist()
                 tokens, q = [c[0] for c in choices], None
             else:
-                q = self.sampling.probs(logits)
+                q = sampling_probs(logits, self.sampling.temperature, self.sampling.top_k,  # banned: in the bias
+                                   self.sampling.top_p)
                 picked = torch.multinomial(q, 1, generator=self.generator)
                 tokens, top = picked[:, 0].tolist(), q.gather(-1, picked)[:, 0].tolist()
             going = []
