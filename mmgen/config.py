@@ -68,6 +68,11 @@ class ModelArguments:
         metadata={"help": "Give the flow head the latest context image's latent patch by patch beside the noisy "
                           "one, so a story's next picture or an edit keeps the scene in place."},
     )
+    head_condition_order: bool = field(
+        default=False,
+        metadata={"help": "Tell the flow head where each condition token stands, so it can bind a relation or a "
+                          "colour to the noun it belongs to."},
+    )
     image_in_convs: int = field(
         default=0,
         metadata={"help": "3x3 convolution layers over the patch grid beside image_in, so context images "

@@ -7,6 +7,8 @@ query states, optionally followed by the states of the text before the image (`I
 `head_text_tokens`) and of the latest context image (`head_image_tokens`); conditions of different lengths
 share a batch through a padding mask. A head with a reference input also sees that image's clean latent patch by
 patch, added to the noisy latent's embedding (channel concatenation, as InstructPix2Pix conditions edits).
+A head with condition order adds each condition token's place in the condition to it, so that attention can
+tell the words apart by where they stand ("a circle left of a square" from "a square left of a circle").
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class FlowHead(ModelMixin, ConfigMixin):
     and added to the noisy tokens at the same grid cells. A story step or an edit keeps most of the scene
     before it where it was, and the pooled states the condition carries place objects too coarsely for that.
     The projection starts at zero and has no bias, so a stage can add it to a trained head.
+
+    `condition_order` adds `cond_order`: sinusoidal features of each condition token's index, projected and
+    added to the token. Without it the joint attention sees the condition as a set, and which noun a relation
+    or a colour belongs to is only as clear as the backbone's states make it. It starts at zero too.
     """
 
     @register_to_config
@@ -93,6 +99,7 @@ class FlowHead(ModelMixin, ConfigMixin):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         reference_input: bool = False,
+        condition_order: bool = False,
     ):
         super().__init__()
         self.x_in = nn.Linear(token_dim, hidden_size)
@@ -100,6 +107,9 @@ class FlowHead(ModelMixin, ConfigMixin):
         if self.reference_in is not None:
             nn.init.zeros_(self.reference_in.weight)
         self.pos = nn.Linear(hidden_size, hidden_size)
+        self.cond_order = nn.Linear(hidden_size, hidden_size, bias=False) if condition_order else None
+        if self.cond_order is not None:
+            nn.init.zeros_(self.cond_order.weight)
         self.cond_in = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, hidden_size))
         self.cond_pool = nn.Linear(hidden_size, hidden_size)
         self.t_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
@@ -132,6 +142,9 @@ class FlowHead(ModelMixin, ConfigMixin):
             pooled = (c_tokens * weights).sum(1) / weights.sum(1)
             mask = torch.cat([cond_mask, cond_mask.new_ones(x.shape[:2])], dim=1)[:, None, None]
         c = self.t_mlp(sincos_embedding(t * 1000.0, hidden).to(x_t.dtype)) + self.cond_pool(pooled)
+        if self.cond_order is not None:
+            index = torch.arange(cond.shape[1], device=cond.device)
+            c_tokens = c_tokens + self.cond_order(sincos_embedding(index, hidden).to(c_tokens.dtype))
         h = torch.cat([c_tokens, x], dim=1)
         for block in self.blocks:
             h = block(h, c, mask)

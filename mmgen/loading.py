@@ -176,6 +176,7 @@ def build_model(args: ModelArguments) -> tuple[UnifiedModel, object]:
         head_text_tokens=args.head_text_tokens,
         head_image_tokens=args.head_image_tokens,
         head_reference=args.head_reference,
+        head_condition_order=args.head_condition_order,
         image_in_convs=args.image_in_convs,
     )
     return UnifiedModel(backbone, image_modules, image_tokenizer), tokenizer

@@ -28,6 +28,7 @@ from .stream import IGNORE_INDEX, ImageSpan, PackedBatch
 RESAMPLER_PREFIX = "compressor.resampler."  # names of the learned resampler's weights in ImageModules
 PATCH_CONVS_PREFIX = "patch_convs."  # names of the weights `image_in_convs` adds
 REFERENCE_PREFIX = "flow_head.reference_in."  # names of the weights `head_reference` adds
+CONDITION_ORDER_PREFIX = "flow_head.cond_order."  # names of the weights `head_condition_order` adds
 
 
 @functools.cache
@@ -113,6 +114,7 @@ class ImageModules(ModelMixin, ConfigMixin):
         image_in_convs: int = 0,
         head_image_tokens: int = 0,
         head_reference: bool = False,
+        head_condition_order: bool = False,
     ):
         super().__init__()
         for name, value in (("head_text_tokens", head_text_tokens), ("image_in_convs", image_in_convs),
@@ -140,6 +142,7 @@ class ImageModules(ModelMixin, ConfigMixin):
             num_heads=head_heads,
             mlp_ratio=head_mlp_ratio,
             reference_input=head_reference,
+            condition_order=head_condition_order,
         )
         self.register_buffer("grid", square_grid(grid_size), persistent=False)
 

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from .config import ModelArguments, TrainArguments
 from .data import BatchBuilder, InterleavedJsonlData, ShapesWorldData, batch_loader, batch_seed
 from .loading import build_model
-from .model import PATCH_CONVS_PREFIX, REFERENCE_PREFIX, RESAMPLER_PREFIX, UnifiedModel, cosine_with_warmup
+from .model import (CONDITION_ORDER_PREFIX, PATCH_CONVS_PREFIX, REFERENCE_PREFIX, RESAMPLER_PREFIX, UnifiedModel,
+                    cosine_with_warmup)
 from .model_card import BENCH, EXTRAS, RESAMPLER_RECIPE, write_model_card
 from .stream import StreamCodec
 
@@ -208,9 +209,9 @@ class Trainer:
             # (`python -m mmgen.train_resampler`) rather than carried along stale.
             weights = {k: v for k, v in weights.items() if not k.startswith(RESAMPLER_PREFIX)}
             logger.warning("the learned resampler of %s is left out: retrain it after this run", folder)
-        # Patch convolutions and a reference input that a stage adds start at zero (`PatchConvs`, `FlowHead`), and
-        # fresh modules start from their initial weights; any other mismatch is an error.
-        added = (PATCH_CONVS_PREFIX, REFERENCE_PREFIX)
+        # Patch convolutions, a reference input and condition order that a stage adds start at zero (`PatchConvs`,
+        # `FlowHead`), and fresh modules start from their initial weights; any other mismatch is an error.
+        added = (PATCH_CONVS_PREFIX, REFERENCE_PREFIX, CONDITION_ORDER_PREFIX)
         for part, label, saved, may_add in (("backbone", "backbone", source.backbone.state_dict(), ()),
                                             ("image_modules", "image-module", weights, added)):
             missing, unexpected = load_fitting(getattr(model, part), {

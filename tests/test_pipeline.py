@@ -341,6 +341,29 @@ def test_a_reference_input_starts_at_zero_and_a_head_without_one_refuses_a_refer
             plain(x, t, cond, reference=reference)
 
 
+def test_condition_order_starts_at_zero_and_then_tells_the_head_which_token_came_first():
+    """Without condition order the joint attention reads the condition as a set: swapping two condition tokens
+    changes no velocity. Condition order starts at zero, so a stage adds it to a trained head unchanged; trained
+    off zero, the same swap changes the velocity."""
+    from mmgen.flow_head import FlowHead
+
+    torch.manual_seed(0)
+    head = FlowHead(token_dim=16, grid_size=4, cond_dim=32, hidden_size=32, num_layers=2, num_heads=2,
+                    condition_order=True)
+    plain = FlowHead(token_dim=16, grid_size=4, cond_dim=32, hidden_size=32, num_layers=2, num_heads=2)
+    with torch.no_grad():
+        for layer in [block.ada for block in head.blocks] + [head.ada_out, head.out]:
+            torch.nn.init.normal_(layer.weight, std=0.05)
+        plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("cond_order.")})
+        x, t, cond = torch.randn(2, 16, 16), torch.rand(2), torch.randn(2, 3, 32)
+        swapped = cond[:, [0, 2, 1]]
+        torch.testing.assert_close(head(x, t, cond), plain(x, t, cond), atol=0, rtol=0)
+        torch.testing.assert_close(plain(x, t, swapped), plain(x, t, cond), atol=1e-5, rtol=1e-5)
+        torch.nn.init.normal_(head.cond_order.weight, std=0.2)
+        moved = (head(x, t, swapped) - head(x, t, cond)).abs().max()
+        assert moved > 100 * (plain(x, t, swapped) - plain(x, t, cond)).abs().max() and moved > 1e-5, moved
+
+
 def test_patch_convolutions_let_an_image_token_see_its_neighbours():
     """Without them each context-image token embeds its own patch alone; with them (once trained off zero)
     a change to one patch reaches the tokens around it, and only those."""
