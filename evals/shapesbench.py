@@ -199,8 +199,10 @@ def shapesbench_summary(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     Keys: each text-to-image category by name and `t2i_overall` (mean over those categories); each
     image-to-text category by name, `image_to_text`, and the questions by answer type across categories
     (`answers_yes_no`, `answers_number`, `answers_other`); `story_given`, `story_free` (structure times
-    consistency), `story_structure`, `story_consistency`; `edit_<kind>` and `edit`. Tasks and categories
-    with no rows are left out.
+    consistency), `story_structure`, `story_consistency`; `edit_<kind>` and `edit`; `position_direction`, of
+    the position images that show both objects once on the relation's axis, the share that point the way the
+    prompt asks (0.5 for a model blind to it; see `relation_reading`). Tasks and categories with no rows are
+    left out.
     """
     by_category: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -234,6 +236,10 @@ def shapesbench_summary(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 typed = [r for r in task_rows if r["scores"].get("answer_type") == kind]
                 if typed:
                     put(f"answers_{kind.replace('/', '_')}", correct(typed), len(typed))
+    readings = [r["scores"].get("relation") for r in by_category.get(("t2i", "position"), [])]
+    placed = [reading for reading in readings if reading in ("held", "reversed")]
+    if placed:
+        put("position_direction", _mean([float(reading == "held") for reading in placed]), len(placed))
     summary["n"] = n
     return summary
 

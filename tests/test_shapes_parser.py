@@ -22,6 +22,7 @@ from mmgen.shapesworld import (
     ShapesWorld,
     parse_image,
     random_scene,
+    relation_reading,
     render,
     scene_matches,
     score,
@@ -161,6 +162,21 @@ def test_t2i_position_scorer_checks_the_relation():
     mirrored = Scene((Obj(a.shape, a.color, a.size, 1 - a.x, 1 - a.y), Obj(b.shape, b.color, b.size, 1 - b.x, 1 - b.y)))
     assert score_t2i(sample.spec, sample.answer[0])
     assert not score_t2i(sample.spec, render(mirrored))
+
+
+def test_relation_reading_tells_a_reversed_relation_from_a_wrong_axis_and_a_missing_object():
+    sample = ShapesWorld(seed=23).sample(category="position")
+    a, b = Scene.from_dicts(sample.spec["scene"]).objects
+    mirrored = Scene((Obj(a.shape, a.color, a.size, 1 - a.x, 1 - a.y), Obj(b.shape, b.color, b.size, 1 - b.x, 1 - b.y)))
+    transposed = Scene((Obj(a.shape, a.color, a.size, a.y, a.x), Obj(b.shape, b.color, b.size, b.y, b.x)))
+    assert relation_reading(sample.spec, sample.answer[0]) == "held"
+    assert relation_reading(sample.spec, render(mirrored)) == "reversed"
+    assert relation_reading(sample.spec, render(transposed)) == "other axis"
+    assert relation_reading(sample.spec, render(Scene((a,)))) is None
+    assert score(sample.spec, render(mirrored))["relation"] == "reversed"
+    assert "relation" not in score(ShapesWorld(seed=23).sample(category="colors").spec, sample.answer[0])
+    with pytest.raises(ValueError, match="states no relation"):
+        relation_reading(ShapesWorld(seed=23).sample(category="two_objects").spec, sample.answer[0])
 
 
 def test_i2t_scorer_matches_canonical_answers_and_rejects_wrong_ones():

@@ -10,7 +10,7 @@ import torch
 
 from mmgen import Image, Text
 from mmgen.evals.shapesbench import format_summary, resolve_categories, run_shapesbench
-from mmgen.shapesworld import TASKS, bench_samples
+from mmgen.shapesworld import TASKS, Obj, Scene, bench_samples, render
 
 REQUIRED = ("single_object", "colors", "two_objects", "counting", "position", "color_attribution",
             "t2i_overall", "image_to_text", "story_structure", "story_consistency")
@@ -87,6 +87,25 @@ def test_a_wrong_answer_scores_zero(tmp_path):
     summary = run_shapesbench(oracle, n=2, seed=3, categories=["t2i", "i2t"], progress=False)
     assert summary["t2i_overall"] == 0.0 and summary["image_to_text"] == 0.0
     assert "story_structure" not in summary and "edit" not in summary
+
+
+def test_position_direction_exposes_a_model_that_draws_every_relation_the_wrong_way_round(tmp_path):
+    """Position images are also read for which way they put the relation: the oracle scores 1.0, and one that
+    draws every position scene mirrored (the relation reversed, the objects right) scores 0.0 on position and
+    on position_direction, counted over every position image."""
+    n = 6
+    oracle = Oracle(seed=3, n=n)
+    truth = run_shapesbench(oracle, n=n, seed=3, categories=["t2i"], progress=False)
+    assert truth["position_direction"] == 1.0 and truth["n"]["position_direction"] == n
+    for sample in bench_samples(3, n):
+        if sample.category == "position":
+            scene = Scene.from_dicts(sample.spec["scene"])
+            mirrored = Scene(tuple(Obj(o.shape, o.color, o.size, 1 - o.x, 1 - o.y) for o in scene.objects))
+            oracle.answers[prompt_key(sample.prompt)] = [Image(render(mirrored))]
+    reversed_ = run_shapesbench(oracle, n=n, seed=3, categories=["t2i"], out_dir=tmp_path, progress=False)
+    assert reversed_["position"] == reversed_["position_direction"] == 0.0
+    assert reversed_["n"]["position_direction"] == n and reversed_["colors"] == 1.0
+    assert "position_direction" in (tmp_path / "report.md").read_text()
 
 
 def test_answer_types_expose_a_model_that_says_yes_to_every_yes_no_question():

@@ -13,6 +13,7 @@ It is the training data of the embedded default model and the ground truth of Sh
 from .bench import (
     bench_samples,
     change_holds,
+    relation_reading,
     score,
     score_edit,
     score_i2t,
@@ -47,6 +48,6 @@ __all__ = [
     "Change", "Detected", "Obj", "ObjSpec", "Sample", "Scene", "SceneSpec", "ShapesWorld",
     "bench_samples", "caption", "change_holds", "change_sentence", "is_clear", "normalize_answer",
     "parse_caption", "parse_change", "parse_image", "parse_object", "random_change", "random_scene",
-    "relation", "render", "scene_matches", "score", "score_edit", "score_i2t", "score_story",
+    "relation", "relation_reading", "render", "scene_matches", "score", "score_edit", "score_i2t", "score_story",
     "score_t2i", "spec_matches", "summarize",
 ]

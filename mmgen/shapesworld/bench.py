@@ -101,6 +101,27 @@ def score_t2i(spec: dict, image: Any) -> bool:
     return spec_matches(detected, SceneSpec(tuple(required), relations), exact=False)
 
 
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def relation_reading(spec: dict, image: Any) -> str | None:
+    """Where a text-to-image answer to a relation prompt ("a circle left of a square") put its two objects:
+    "held", "reversed" (on the asked axis, the other way round) or "other axis"; None when the image does not
+    show each of them exactly once. It tells a model that ignores which way a relation points from one that
+    cannot draw the objects."""
+    _check_spec(spec, "t2i")
+    if spec.get("relation") is None:
+        raise ValueError(f"the {spec['category']!r} prompt {spec['prompt']!r} states no relation")
+    detected, explained = read_answer(image)
+    first, rel, second = spec["relation"]
+    found = [find(detected, ObjSpec(spec["require"][k]["shape"], spec["require"][k].get("color")))
+             for k in (first, second)]
+    if not explained or any(len(f) != 1 for f in found):
+        return None
+    shown = relation(detected[found[0][0]], detected[found[1][0]])
+    return "held" if shown == rel else "reversed" if shown == OPPOSITE[rel] else "other axis"
+
+
 # ----------------------------------------------------------------------------------------------
 # Image to text
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +305,7 @@ def score_edit(spec: dict, image: Any, tol: float = CHANGE_TOL) -> bool:
 
 def score(spec: dict, answer: Any) -> dict:
     """Score any ShapesWorld answer. Returns {"task", "category", "correct": float in [0, 1], ...}, with the
-    `answer_type` of an image-to-text question."""
+    `answer_type` of an image-to-text question and the `relation_reading` of a relation prompt's image."""
     if not isinstance(spec, dict) or spec.get("task") not in TASKS:
         raise ValueError(f"not a ShapesWorld spec: {spec!r:.80}")
     task, category = spec["task"], spec["category"]
@@ -304,6 +325,8 @@ def score(spec: dict, answer: Any) -> dict:
         out["correct"] = 0.0
         return out
     out["correct"] = float((score_t2i if task == "t2i" else score_edit)(spec, images[0]))
+    if task == "t2i" and spec.get("relation") is not None:
+        out["relation"] = relation_reading(spec, images[0])
     return out
 
 
