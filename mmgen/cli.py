@@ -27,19 +27,23 @@ def _read_image(path: str):
 
 
 def add_guidance_options(parser: argparse.ArgumentParser) -> None:
-    """Flow steps and guidance; left out, they are the pipeline's defaults."""
+    """Flow steps, guidance and candidates per image; left out, they are the pipeline's defaults."""
     parser.add_argument("--steps", type=int, default=None, help="flow steps per image (default: the pipeline's)")
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--image-guidance-scale", type=float, default=None)
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="the range of t (1 = noise) where guidance applies")
+    parser.add_argument("--image-candidates", type=int, default=None, metavar="K",
+                        help="draw each image K times and keep the one the model reads its text from best "
+                             "(default: 1)")
 
 
 def guidance_options(args: argparse.Namespace) -> dict:
     """The pipeline arguments of the options `add_guidance_options` added, those given only."""
     given = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                  image_guidance_scale=args.image_guidance_scale,
-                 cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None)
+                 cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
+                 image_candidates=args.image_candidates)
     return {key: value for key, value in given.items() if value is not None}
 
 

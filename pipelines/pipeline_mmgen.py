@@ -168,6 +168,7 @@ class _Row:
     reference: torch.Tensor | None = None  # that image's latent, for a flow head with a reference input
     condition: torch.Tensor | None = None  # the flow-head condition of the image the row waits to draw
     latent: torch.Tensor | None = None
+    asking_from: int = 0  # where in text_only_ids the text since the row's last image starts
 
 
 def _check_segment(k: int, segment: Segment) -> None:
@@ -263,7 +264,7 @@ class MMGenPipeline(DiffusionPipeline):
     # -- inputs ---------------------------------------------------------------------------------
     def check_inputs(self, prompts, max_new_tokens, num_inference_steps, guidance_scale, image_guidance_scale,
                      cfg_interval, max_images, temperature, top_k, top_p, output_type, generator,
-                     cfg_renorm=False, callback_on_step_end=None):
+                     cfg_renorm=False, callback_on_step_end=None, image_candidates=1):
         def number(name, value, low, integer=False, allow_equal=True):
             kind = numbers.Integral if integer else numbers.Real
             if isinstance(value, bool) or not isinstance(value, kind):
@@ -286,6 +287,7 @@ class MMGenPipeline(DiffusionPipeline):
         number("guidance_scale", guidance_scale, 0)
         number("image_guidance_scale", image_guidance_scale, 0)
         number("max_images", max_images, 0, integer=True)
+        number("image_candidates", image_candidates, 1, integer=True)
         number("temperature", temperature, 0)
         if top_k is not None:
             number("top_k", top_k, 1, integer=True)
@@ -354,6 +356,7 @@ class MMGenPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        image_candidates: int = 1,
     ):
         """Generate for one prompt or a batch. Returns `InterleavedPipelineOutput` (lists per prompt).
 
@@ -361,6 +364,9 @@ class MMGenPipeline(DiffusionPipeline):
         (default: the same) to images the model drew. `cfg_interval` is the range of t (1 = noise) in
         which guidance applies. With `temperature=0` decoding is greedy. `drafter` ("ngram", "draft-lm",
         "draft-lm:PATH", "vision-head" or a `Drafter`) speeds text decoding up without changing its output.
+        With `image_candidates=K` > 1 each image is drawn K times and the model keeps the one it reads the
+        text that asked for it best from (`pick_candidates`), for K times the flow-head work; a
+        `callback_on_step_end` sees the latents of all the candidates, K per image in a row.
         """
         prompts = self.normalize_prompts(prompt)
         segments: list[list[Segment]] = [[] for _ in prompts]
@@ -370,6 +376,7 @@ class MMGenPipeline(DiffusionPipeline):
             cfg_renorm=cfg_renorm, max_images=max_images, compression=compression,
             generated_compression=generated_compression, drafter=drafter, temperature=temperature, top_k=top_k,
             top_p=top_p, generator=generator, output_type=output_type, callback_on_step_end=callback_on_step_end,
+            image_candidates=image_candidates,
         ):
             out = segments[event.row]
             if event.kind == "text":
@@ -413,12 +420,13 @@ class MMGenPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable | None = None,
+        image_candidates: int = 1,
     ) -> Iterator[StreamEvent]:
         """The generation loop as a generator of `StreamEvent`s, in the order things are produced."""
         prompts = self.normalize_prompts(prompt)
         self.check_inputs(prompts, max_new_tokens, num_inference_steps, guidance_scale, image_guidance_scale,
                           cfg_interval, max_images, temperature, top_k, top_p, output_type, generator,
-                          cfg_renorm, callback_on_step_end)
+                          cfg_renorm, callback_on_step_end, image_candidates)
         guidance = Guidance(guidance_scale, image_guidance_scale, tuple(cfg_interval), cfg_renorm)
         compression = str(CompressionSpec.parse(compression))
         generated_compression = str(CompressionSpec.parse(generated_compression or compression))
@@ -518,7 +526,7 @@ class MMGenPipeline(DiffusionPipeline):
             drawing = [r for r in rows if r.phase == DRAW]
             if drawing and all(r.phase in (DRAW, DONE) for r in rows):
                 yield from self._image_phase(drawing, num_inference_steps, guidance, output_type,
-                                             callback_on_step_end, generated_compression)
+                                             callback_on_step_end, generated_compression, image_candidates)
         stats.text_tokens = sum(r.new_tokens for r in rows)
         stats.text_forwards = sum(r.text_passes for r in rows)
         stats.seconds = time.perf_counter() - started
@@ -540,11 +548,13 @@ class MMGenPipeline(DiffusionPipeline):
                       ids=encoded.input_ids.tolist(), modality=encoded.modality.tolist())
         text_ids = [int(t) for t, m in zip(encoded.input_ids, encoded.modality) if m == 0]
         image_marks = {codec.ids.image_start, codec.ids.image_end}
+        text_only_ids = [t for t in text_ids if t not in image_marks]
         row = _Row(
             index=index,
             generator=generator,
             next_position=encoded.next_position,
-            text_only_ids=[t for t in text_ids if t not in image_marks],
+            text_only_ids=text_only_ids,
+            asking_from=len(text_only_ids) - (len(chunk) - self._text_since_image(chunk)),
             has_context_image=bool(encoded.spans),
             max_new_tokens=max_new_tokens,
             reference=encoded.latents[-1] if encoded.latents and model.head_reference else None,
@@ -856,24 +866,33 @@ class MMGenPipeline(DiffusionPipeline):
 
         return velocities
 
-    def _image_phase(self, rows: list[_Row], num_inference_steps: int, guidance: Guidance,
-                     output_type: str, callback_on_step_end, generated_compression: str) -> Iterator[StreamEvent]:
-        """Draw one image for each row in `rows` from its query states, then queue its feedback chunk."""
+    def _image_phase(self, rows: list[_Row], num_inference_steps: int, guidance: Guidance, output_type: str,
+                     callback_on_step_end, generated_compression: str,
+                     image_candidates: int = 1) -> Iterator[StreamEvent]:
+        """Draw one image for each row in `rows` from its query states, then queue its feedback chunk. With
+        `image_candidates` K > 1 each row draws K in one batch (row-major) and keeps the best (`pick_candidates`)."""
         started = time.perf_counter()
         tokenizer = self.unified.image_tokenizer
-        cond = [r.condition for r in rows]
+        k = image_candidates
+
+        def each(values: list) -> list:  # one entry per candidate image
+            return [v for v in values for _ in range(k)]
+
         use_image_cfg = guidance.image_scale != 1.0 and any(r.has_context_image for r in rows)
-        branches = [cond]
+        branches = [each([r.condition for r in rows])]
         if guidance.text_scale != 1.0 or use_image_cfg:
             null, text_only = self.branch_conds(
                 [r.image_position for r in rows], [r.text_only_ids for r in rows] if use_image_cfg else None
             )
-            branches += [null] + ([text_only] if use_image_cfg else [])
-        x = self.initial_noise([r.generator for r in rows])
-        velocity_fn = self.head_velocities(self.unified.reference_patches([r.reference for r in rows]))
-        x = self.denoise(x, branches, guidance, num_inference_steps, callback_on_step_end, velocity_fn,
-                         [r.generator for r in rows])
+            branches += [each(null)] + ([each(text_only)] if use_image_cfg else [])
+        generators = ([r.generator for r in rows] if k == 1
+                      else [g for r in rows for g in self.candidate_generators(r.generator, k)])
+        x = self.initial_noise(generators)
+        velocity_fn = self.head_velocities(self.unified.reference_patches(each([r.reference for r in rows])))
+        x = self.denoise(x, branches, guidance, num_inference_steps, callback_on_step_end, velocity_fn, generators)
         latents = tokenizer.unpatchify(x)
+        if k > 1:
+            latents = self.pick_candidates(rows, latents.unflatten(0, (len(rows), k)))
         pixels = tokenizer.postprocess(tokenizer.decode(latents)) if output_type != "latent" else [None] * len(rows)
         self.last_stats.images += len(rows)
         self.last_stats.image_seconds += time.perf_counter() - started
@@ -882,10 +901,54 @@ class MMGenPipeline(DiffusionPipeline):
             if self.unified.head_reference:
                 row.reference = latent
             row.images += 1
+            row.asking_from = len(row.text_only_ids)
             row.phase = FEEDBACK
             row.chunk = self._feedback_chunk(row, generated_compression)
             row.has_context_image = True
             yield StreamEvent(row=row.index, kind="image", image=Image(image=pil, latent=latent.cpu()))
+
+    def candidate_generators(self, generator: torch.Generator | None, count: int) -> list[torch.Generator]:
+        """`count` generators for the candidates of one image, seeded from the row's generator (or torch's
+        global one), so that a seed gives the same candidates every time."""
+        seeds = torch.randint(2**62, (count,), generator=generator, device=generator.device if generator else "cpu")
+        return [torch.Generator(self.unified.device).manual_seed(int(seed)) for seed in seeds]
+
+    def candidate_scores(self, rows: list[_Row], candidates: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood (R, K) of each row's text since its last image, read right after each of its
+        candidate latents (R, K, C, H, W) as a context image: how well the model finds the text describes it."""
+        model, codec = self.unified, self.codec
+        none = model.image_modules.compressor.num_tokens("none")
+        chunks, asked_ids = [], []
+        for row, latents in zip(rows, candidates):
+            asked = row.text_only_ids[row.asking_from:]
+            asked = torch.tensor(asked[1:] if asked and asked[0] == codec.ids.bos else asked, device=model.device)
+            for latent in latents:
+                image = codec.encode([Image(latent=latent)], [none])
+                embeds = model.embed(image.input_ids[None].to(model.device), [(0, span) for span in image.spans],
+                                     image.latents)[0]
+                chunks.append(Chunk(
+                    embeds=torch.cat([embeds, model.text_embeddings(asked).to(embeds.dtype)]),
+                    positions=torch.cat([image.position_ids.to(model.device),
+                                         image.next_position + torch.arange(len(asked), device=model.device)]),
+                    keep=torch.ones(len(image) + len(asked), dtype=torch.bool, device=model.device),
+                ))
+                asked_ids.append(asked)
+        scores = []
+        for hidden, asked in zip(fresh_forward(model, chunks), asked_ids):
+            if not len(asked):
+                scores.append(hidden.new_zeros((), dtype=torch.float32))
+                continue
+            logits = model.logits(hidden[len(hidden) - len(asked) - 1: -1])  # each predicts the next asked token
+            scores.append(logits.log_softmax(-1).gather(-1, asked[:, None]).sum())
+        return torch.stack(scores).view(len(rows), -1)
+
+    def pick_candidates(self, rows: list[_Row], candidates: torch.Tensor) -> torch.Tensor:
+        """The candidate latent (R, C, H, W) of each row with the highest `candidate_scores`. A unified model
+        may read which colour sits on which shape better than its flow head draws it: on the default model,
+        the text of a ShapesWorld picture is likelier after that picture than after one with the two colours
+        swapped 99 times in 100, while the head draws the pair the right way round about half of the time."""
+        best = self.candidate_scores(rows, candidates).argmax(-1)
+        return candidates[torch.arange(len(rows), device=candidates.device), best]
 
     def _emit_text(self, rows: list[_Row]) -> Iterator[StreamEvent]:
         """Stream each row's new text. The run is decoded whole each time; a delta goes out only while the

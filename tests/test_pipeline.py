@@ -216,6 +216,66 @@ def test_stochastic_sampling_draws_each_pictures_step_noise_from_its_own_generat
     torch.testing.assert_close(*unseeded)
 
 
+def test_image_candidates_keep_the_one_after_which_the_asking_text_is_likeliest(make_pipeline):
+    """With image_candidates=K each picture is drawn K times, and the kept one is the candidate after which
+    the model finds the text that asked for it (since the row's previous image) likeliest, as a
+    teacher-forced pass over [candidate, text] scores it. Each row keeps its own, alone as in a batch."""
+    from mmgen.stream import IGNORE_INDEX, TEXT, EncodedSequence
+    from mmgen.train_resampler import stack_rows
+
+    pipe = make_pipeline("llama", image_scale=6.0)
+    model, codec = pipe.unified, pipe.codec
+    kwargs = dict(max_new_tokens=12, num_inference_steps=2, max_images=2, output_type="latent", image_candidates=3)
+    prompts, seeds = ["draw a red circle.", "draw a blue square."], [4, 5]
+    rounds = []
+    score = pipe.candidate_scores
+
+    def spy(rows, candidates):
+        scores = score(rows, candidates)
+        rounds.append(([r.index for r in rows], [r.text_only_ids[r.asking_from:] for r in rows], candidates.clone(),
+                       scores))
+        return scores
+
+    pipe.candidate_scores = spy
+    out = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs)
+    del pipe.candidate_scores
+    assert len(rounds) == 2 and all(len(images) == 2 for images in out.images), "two rounds of two pictures"
+    none = model.image_modules.compressor.num_tokens("none")
+
+    def read_after(latent, ids):  # a teacher-forced sequence: the candidate as a context image, then the text
+        image = codec.encode([Image(latent=latent)], [none])
+        ids = torch.tensor(ids)
+        return EncodedSequence(
+            input_ids=torch.cat([image.input_ids, ids]),
+            position_ids=torch.cat([image.position_ids, image.next_position + torch.arange(len(ids))]),
+            modality=torch.cat([image.modality, torch.full((len(ids),), TEXT)]),
+            labels=torch.cat([torch.full((len(image) - 1,), IGNORE_INDEX), ids, torch.tensor([IGNORE_INDEX])]),
+            spans=image.spans, latents=image.latents,
+        )
+
+    for k, (indices, asked, candidates, scores) in enumerate(rounds):
+        for row, ids, latents, row_scores in zip(indices, asked, candidates, scores):
+            text = codec.decode_text(ids)
+            if k == 0:
+                assert text.startswith(prompts[row])
+            else:
+                assert prompts[row] not in text, "a later picture is asked for by the text since the one before"
+            torch.testing.assert_close(out.images[row][k], latents[int(row_scores.argmax())].cpu())
+            batch = stack_rows([read_after(latent, ids) for latent in latents], codec.ids.pad)
+            with torch.no_grad():
+                embeds = model.embed(batch.input_ids, batch.spans, batch.latents)
+                hidden, _ = model.run_backbone(embeds, batch.position_ids, batch.attention_mask.to(embeds.dtype))
+                logp = model.logits(hidden).log_softmax(-1)
+            picked = batch.labels != IGNORE_INDEX
+            expected = (logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0] * picked).sum(1)
+            torch.testing.assert_close(row_scores, expected, atol=1e-3, rtol=1e-4)
+        assert len({float(s) for s in scores.flatten()}) > 1, "candidates differ, and so do their scores"
+    for row, prompt in enumerate(prompts):
+        alone = pipe(prompt, generator=torch.Generator().manual_seed(seeds[row]), **kwargs)
+        for a, b in zip(alone.images[0], out.images[row]):
+            torch.testing.assert_close(a, b)
+
+
 def test_callback_on_step_end_sees_every_flow_step(make_pipeline):
     pipe = make_pipeline("llama", image_scale=6.0)
     seen = []
@@ -241,6 +301,7 @@ def test_callback_on_step_end_sees_every_flow_step(make_pipeline):
         (dict(output_type="jpeg"), "output_type"),
         (dict(compression="zip:3"), "compression"),
         (dict(max_new_tokens=5000), "context"),
+        (dict(image_candidates=0), "image_candidates"),
     ],
 )
 def test_bad_arguments_raise_value_errors_naming_them(make_pipeline, kwargs, name):
