@@ -88,7 +88,10 @@ def read_answer(image: Any) -> tuple[list[Detected], bool]:
 def score_t2i(spec: dict, image: Any) -> bool:
     """GenEval-style verdict for a generated image (see the module docstring for the rules)."""
     _check_spec(spec, "t2i")
-    detected, explained = read_answer(image)
+    return _t2i_verdict(spec, *read_answer(image))
+
+
+def _t2i_verdict(spec: dict, detected: list[Detected], explained: bool) -> bool:
     if not explained:
         return False
     required: list[ObjSpec] = []
@@ -101,9 +104,6 @@ def score_t2i(spec: dict, image: Any) -> bool:
     return spec_matches(detected, SceneSpec(tuple(required), relations), exact=False)
 
 
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
 def relation_reading(spec: dict, image: Any) -> str | None:
     """Where a text-to-image answer to a relation prompt ("a circle left of a square") put its two objects:
     "held", "reversed" (on the asked axis, the other way round) or "other axis"; None when the image does not
@@ -112,14 +112,17 @@ def relation_reading(spec: dict, image: Any) -> str | None:
     _check_spec(spec, "t2i")
     if spec.get("relation") is None:
         raise ValueError(f"the {spec['category']!r} prompt {spec['prompt']!r} states no relation")
-    detected, explained = read_answer(image)
+    return _relation_reading(spec, *read_answer(image))
+
+
+def _relation_reading(spec: dict, detected: list[Detected], explained: bool) -> str | None:
     first, rel, second = spec["relation"]
     found = [find(detected, ObjSpec(spec["require"][k]["shape"], spec["require"][k].get("color")))
              for k in (first, second)]
     if not explained or any(len(f) != 1 for f in found):
         return None
-    shown = relation(detected[found[0][0]], detected[found[1][0]])
-    return "held" if shown == rel else "reversed" if shown == OPPOSITE[rel] else "other axis"
+    a, b = detected[found[0][0]], detected[found[1][0]]
+    return "held" if relation(a, b) == rel else "reversed" if relation(b, a) == rel else "other axis"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,9 +327,14 @@ def score(spec: dict, answer: Any) -> dict:
     if len(images) != 1:
         out["correct"] = 0.0
         return out
-    out["correct"] = float((score_t2i if task == "t2i" else score_edit)(spec, images[0]))
-    if task == "t2i" and spec.get("relation") is not None:
-        out["relation"] = relation_reading(spec, images[0])
+    if task == "edit":
+        out["correct"] = float(score_edit(spec, images[0]))
+        return out
+    _check_spec(spec, "t2i")
+    reading = read_answer(images[0])  # one parse serves the verdict and the relation's reading
+    out["correct"] = float(_t2i_verdict(spec, *reading))
+    if spec.get("relation") is not None:
+        out["relation"] = _relation_reading(spec, *reading)
     return out
 
 
