@@ -78,6 +78,11 @@ class ModelArguments:
         metadata={"help": "3x3 convolution layers over the patch grid beside image_in, so context images "
                           "enter the backbone with features of each patch's neighbourhood (0: none)."},
     )
+    patch_classes: int = field(
+        default=0,
+        metadata={"help": "Classes of a linear classifier on each context-image token as the backbone reads it, "
+                          "which patch_label_weight trains (ShapesWorld: 1 + the number of shapes; 0: none)."},
+    )
 
 
 @dataclass
@@ -103,6 +108,14 @@ class TrainArguments:
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16 (fp16 only on CUDA)."})
     flow_weight: float = 1.0
     flow_repeats: int = 4
+    patch_label_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the per-patch shape loss (ShapesWorld only, needs patch_classes): each step "
+                          "also renders patch_label_images scenes and classifies every token of them as "
+                          "background or the shape that covers it, so that a shape is written into the tokens a "
+                          "question looks it up by, as a colour already is."},
+    )
+    patch_label_images: int = 24
     timestep_shift: list[float] = field(
         default_factory=lambda: [1.0],
         metadata={"help": "Shift of the flow loss's logit-normal t toward noise, t -> s·t / (1 + (s-1)·t), as SD3 "

@@ -108,7 +108,21 @@ class ShapesWorldData:
         for _ in range(self.args.batch_size):
             sample = world.sample(task=rng.choices(self.tasks, self.weights)[0], category_weights=self.category_weights)
             pairs.append((list(sample.prompt), list(sample.answer)))
-        return self.builder.build(pairs, rng)
+        batch = self.builder.build(pairs, rng)
+        if self.args.patch_label_weight:
+            batch.patch_latents, batch.patch_labels = self.labelled_patches(rng)
+        return batch
+
+    def labelled_patches(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (K, C, h, w) of `patch_label_images` random scenes and the shape under each patch (K, N)."""
+        from .shapesworld import random_scene, render
+        from .shapesworld.render import patch_shapes
+
+        tokenizer = self.builder.image_tokenizer
+        scenes = [random_scene(rng) for _ in range(self.args.patch_label_images)]
+        latents = tokenizer.encode([render(scene, self.image_size) for scene in scenes]).float().cpu()
+        labels = np.stack([patch_shapes(scene, tokenizer.grid_size, self.image_size) for scene in scenes])
+        return latents, torch.from_numpy(labels).long()
 
 
 class InterleavedJsonlData:

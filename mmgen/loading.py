@@ -178,5 +178,6 @@ def build_model(args: ModelArguments) -> tuple[UnifiedModel, object]:
         head_reference=args.head_reference,
         head_condition_order=args.head_condition_order,
         image_in_convs=args.image_in_convs,
+        patch_classes=args.patch_classes,
     )
     return UnifiedModel(backbone, image_modules, image_tokenizer), tokenizer

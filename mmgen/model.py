@@ -27,6 +27,7 @@ from .stream import IGNORE_INDEX, ImageSpan, PackedBatch
 
 RESAMPLER_PREFIX = "compressor.resampler."  # names of the learned resampler's weights in ImageModules
 PATCH_CONVS_PREFIX = "patch_convs."  # names of the weights `image_in_convs` adds
+PATCH_CLASSIFIER_PREFIX = "patch_classifier."  # and `patch_classes`
 REFERENCE_PREFIX = "flow_head.reference_in."  # names of the weights `head_reference` adds
 CONDITION_ORDER_PREFIX = "flow_head.cond_order."  # names of the weights `head_condition_order` adds
 
@@ -87,7 +88,8 @@ class ImageModules(ModelMixin, ConfigMixin):
     story step or an edit changes, which otherwise reaches the head only through the queries.
     `head_reference` gives the flow head a reference input (`FlowHead`): the clean latent of that same image,
     patch by patch, so a picture can keep what the one before it showed, where it showed it.
-    `image_in_convs` adds that many `PatchConvs` layers beside `image_in` (0: none). `embed_scale` is the RMS
+    `image_in_convs` adds that many `PatchConvs` layers beside `image_in` (0: none). `patch_classes` adds a linear
+    classifier on each context-image token (`patch_logits`), which only training reads. `embed_scale` is the RMS
     of the backbone's token embeddings: context-image tokens and queries start at that scale, so that the
     backbone's first norm neither drowns the text beside them nor shrinks the gradient that reaches
     `image_in`.
@@ -115,15 +117,20 @@ class ImageModules(ModelMixin, ConfigMixin):
         head_image_tokens: int = 0,
         head_reference: bool = False,
         head_condition_order: bool = False,
+        patch_classes: int = 0,
     ):
         super().__init__()
         for name, value in (("head_text_tokens", head_text_tokens), ("image_in_convs", image_in_convs),
-                            ("head_image_tokens", head_image_tokens)):
+                            ("head_image_tokens", head_image_tokens), ("patch_classes", patch_classes)):
             if value < 0:
                 raise ValueError(f"{name} must be 0 or more, got {value}")
         d = backbone_hidden_size
         self.image_in = nn.Sequential(nn.Linear(token_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.patch_convs = PatchConvs(token_dim, d, d, image_in_convs) if image_in_convs else None
+        self.patch_classifier = nn.Linear(d, patch_classes) if patch_classes else None
+        if self.patch_classifier is not None:  # zero, like every module a stage may add
+            nn.init.zeros_(self.patch_classifier.weight)
+            nn.init.zeros_(self.patch_classifier.bias)
         self.image_pos = nn.Linear(d, d)
         self.image_norm = nn.RMSNorm(d, eps=1e-6)
         nn.init.constant_(self.image_norm.weight, embed_scale)
@@ -159,12 +166,20 @@ class ImageModules(ModelMixin, ConfigMixin):
         x, coords = self.compressor(x, self.grid, compression, importance=importance)
         return self.image_norm(x + self.image_pos(grid_sincos(coords, x.shape[-1]).to(x.dtype)))
 
+    def patch_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, token_dim) → class logits (B, N, patch_classes) of each token as the backbone
+        reads it, uncompressed; divided by `embed_scale`, so the classifier sees unit-scale features."""
+        if self.patch_classifier is None:
+            raise ValueError("these image modules have no patch classifier; build them with patch_classes > 0")
+        return self.patch_classifier(self.embed_image_tokens(tokens, "none") / self.config.embed_scale)
+
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor
     text_loss: torch.Tensor
     flow_loss: torch.Tensor
+    patch_loss: torch.Tensor
     text_tokens: int
     flow_images: int
 
@@ -363,8 +378,10 @@ class UnifiedModel(nn.Module):
         flow_repeats: int = 1,
         generator: torch.Generator | None = None,
         timestep_shift: float | Sequence[float] = 1.0,
+        patch_label_weight: float = 0.0,
     ) -> LossOutput:
-        """Text cross-entropy + flow_weight · rectified-flow MSE, in one teacher-forced pass.
+        """Text cross-entropy + flow_weight · rectified-flow MSE, in one teacher-forced pass, + patch_label_weight ·
+        the cross-entropy of the batch's labelled patches (`PackedBatch.patch_labels`), if it has any.
 
         Each generated image's flow loss is averaged over `flow_repeats` draws of (t, noise): the head
         is small next to the backbone, so extra draws per backbone pass are nearly free. t is logit-normal,
@@ -402,10 +419,18 @@ class UnifiedModel(nn.Module):
             flow_loss = F.mse_loss(self.velocity(x_t, t, cond, cond_mask, reference).float(), (noise - x0).float())
         else:
             flow_loss = hidden.sum() * 0.0
+        loss = text_loss + flow_weight * flow_loss
+        patch_loss = torch.zeros((), device=hidden.device)
+        if patch_label_weight and batch.patch_labels is not None:
+            tokens = self.image_tokenizer.patchify(batch.patch_latents).to(self.image_modules.queries.dtype)
+            logits = self.image_modules.patch_logits(tokens)
+            patch_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.patch_labels.flatten())
+            loss = loss + patch_label_weight * patch_loss
         return LossOutput(
-            loss=text_loss + flow_weight * flow_loss,
+            loss=loss,
             text_loss=text_loss.detach(),
             flow_loss=flow_loss.detach(),
+            patch_loss=patch_loss.detach(),
             text_tokens=n_text,
             flow_images=len(generated),
         )

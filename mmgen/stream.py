@@ -325,6 +325,9 @@ class PackedBatch:
     attention_mask: torch.Tensor  # (B, 1, L, L), additive
     spans: list[tuple[int, ImageSpan]]  # (row, span with row-relative indices)
     latents: list[torch.Tensor]  # indexed by span.latent_index
+    # Images outside the sequences, with a class per patch token (TrainArguments.patch_label_weight).
+    patch_latents: torch.Tensor | None = None  # (K, C, h, w)
+    patch_labels: torch.Tensor | None = None  # (K, N)
 
     def to(self, device) -> PackedBatch:
         return PackedBatch(
@@ -335,6 +338,8 @@ class PackedBatch:
             attention_mask=self.attention_mask.to(device),
             spans=self.spans,
             latents=[lat.to(device) for lat in self.latents],
+            patch_latents=None if self.patch_latents is None else self.patch_latents.to(device),
+            patch_labels=None if self.patch_labels is None else self.patch_labels.to(device),
         )
 
 

@@ -23,8 +23,15 @@ from tqdm.auto import tqdm
 from .config import ModelArguments, TrainArguments
 from .data import BatchBuilder, InterleavedJsonlData, ShapesWorldData, batch_loader, batch_seed
 from .loading import build_model
-from .model import (CONDITION_ORDER_PREFIX, PATCH_CONVS_PREFIX, REFERENCE_PREFIX, RESAMPLER_PREFIX, UnifiedModel,
-                    cosine_with_warmup)
+from .model import (
+    CONDITION_ORDER_PREFIX,
+    PATCH_CLASSIFIER_PREFIX,
+    PATCH_CONVS_PREFIX,
+    REFERENCE_PREFIX,
+    RESAMPLER_PREFIX,
+    UnifiedModel,
+    cosine_with_warmup,
+)
 from .model_card import BENCH, EXTRAS, RESAMPLER_RECIPE, write_model_card
 from .stream import StreamCodec
 
@@ -76,6 +83,47 @@ def load_fitting(module: torch.nn.Module, weights: dict) -> tuple[list[str], lis
     return list(missing), list(unexpected)
 
 
+def check_patch_labels(model: UnifiedModel, args: TrainArguments) -> None:
+    """The per-patch shape loss needs ShapesWorld scenes and a classifier with a class for each shape."""
+    from .shapesworld import SHAPES
+
+    if args.patch_label_weight < 0 or args.patch_label_images < 1:
+        raise ValueError(f"patch_label_weight must be >= 0 and patch_label_images >= 1, got "
+                         f"{args.patch_label_weight} and {args.patch_label_images}")
+    if args.data != "shapesworld":
+        raise ValueError("patch_label_weight labels the patches of ShapesWorld scenes; it needs data: shapesworld")
+    classifier = model.image_modules.patch_classifier
+    if classifier is None or classifier.out_features != 1 + len(SHAPES):
+        raise ValueError(f"patch_label_weight needs patch_classes: {1 + len(SHAPES)} (the background and each "
+                         f"shape), got {0 if classifier is None else classifier.out_features}")
+
+
+def repeat_kv_heads(weights: dict, saved_config, config) -> dict:
+    """A saved backbone's weights, with its key and value heads repeated to fill a configuration with more.
+
+    Grouped-query attention lets each key/value head serve a group of query heads; repeating a head for each
+    of its query heads' new groups leaves every attention score and output as it was, so a stage can start
+    from a model with fewer key/value heads and train them apart. Mostly it is a small backbone's one shared
+    key head that binds it: the stage-11 default model gives the same colour whichever shape a question
+    names, because that key carries the colours it looks things up by and not the shapes.
+    """
+    saved = getattr(saved_config, "num_key_value_heads", None)
+    wanted = getattr(config, "num_key_value_heads", None)
+    if saved is None or wanted is None or saved == wanted:
+        return weights
+    heads = config.num_attention_heads
+    if wanted < saved or wanted % saved or heads % wanted:
+        raise ValueError(f"a stage can only repeat key/value heads: the saved backbone has {saved}, this "
+                         f"configuration {wanted}; use a multiple of {saved} that divides num_heads={heads}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    out = dict(weights)
+    for name, tensor in weights.items():
+        if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+            per_head = tensor.reshape(saved, head_dim, *tensor.shape[1:])
+            out[name] = per_head.repeat_interleave(wanted // saved, dim=0).reshape(wanted * head_dim, *tensor.shape[1:])
+    return out
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The last complete checkpoint. A crash between the two renames of `save` leaves only `.old`."""
     for name in (CHECKPOINT, CHECKPOINT + ".old"):
@@ -111,6 +159,8 @@ class Trainer:
         )
         set_seed(args.seed)
         model, self.tokenizer = build_model(model_args)
+        if args.patch_label_weight:
+            check_patch_labels(model, args)
         if args.trainable_modules:
             freeze_all_but(model, args.trainable_modules)
         if args.fresh_modules:
@@ -209,10 +259,11 @@ class Trainer:
             # (`python -m mmgen.train_resampler`) rather than carried along stale.
             weights = {k: v for k, v in weights.items() if not k.startswith(RESAMPLER_PREFIX)}
             logger.warning("the learned resampler of %s is left out: retrain it after this run", folder)
-        # Patch convolutions, a reference input and condition order that a stage adds start at zero (`PatchConvs`,
-        # `FlowHead`), and fresh modules start from their initial weights; any other mismatch is an error.
-        added = (PATCH_CONVS_PREFIX, REFERENCE_PREFIX, CONDITION_ORDER_PREFIX)
-        for part, label, saved, may_add in (("backbone", "backbone", source.backbone.state_dict(), ()),
+        # Patch convolutions, a patch classifier, a reference input and condition order that a stage adds start at
+        # zero (`PatchConvs`, `ImageModules`, `FlowHead`), and fresh modules start from their initial weights; any other mismatch is an error.
+        added = (PATCH_CONVS_PREFIX, PATCH_CLASSIFIER_PREFIX, REFERENCE_PREFIX, CONDITION_ORDER_PREFIX)
+        backbone = repeat_kv_heads(source.backbone.state_dict(), source.backbone.config, model.backbone.config)
+        for part, label, saved, may_add in (("backbone", "backbone", backbone, ()),
                                             ("image_modules", "image-module", weights, added)):
             missing, unexpected = load_fitting(getattr(model, part), {
                 k: v for k, v in saved.items() if not is_fresh(f"{part}.{k}")})
@@ -241,7 +292,7 @@ class Trainer:
     def train_step(self) -> dict:
         args, acc = self.args, self.accelerator
         self.model.train()
-        totals = {"loss": 0.0, "text_loss": 0.0, "flow_loss": 0.0, "tokens": 0}
+        totals = {"loss": 0.0, "text_loss": 0.0, "flow_loss": 0.0, "patch_loss": 0.0, "tokens": 0}
         if self._batches is None:
             self._batches = batch_loader(self.data, self.step, args.gradient_accumulation_steps, args.data_workers)
         for micro in range(args.gradient_accumulation_steps):
@@ -254,7 +305,8 @@ class Trainer:
             with acc.accumulate(self.model), acc.autocast():
                 out = self.model(
                     batch, flow_weight=args.flow_weight, flow_repeats=args.flow_repeats,
-                    timestep_shift=args.timestep_shift, generator=generator
+                    timestep_shift=args.timestep_shift, generator=generator,
+                    patch_label_weight=args.patch_label_weight,
                 )
                 if not out.loss.requires_grad:
                     raise ValueError(f"step {self.step}: this batch has no loss on the trainable modules "
@@ -269,6 +321,7 @@ class Trainer:
             totals["loss"] += out.loss.item() / args.gradient_accumulation_steps
             totals["text_loss"] += out.text_loss.item() / args.gradient_accumulation_steps
             totals["flow_loss"] += out.flow_loss.item() / args.gradient_accumulation_steps
+            totals["patch_loss"] += out.patch_loss.item() / args.gradient_accumulation_steps
             totals["tokens"] += int(batch.input_ids.numel())
         self.step += 1
         return totals
@@ -294,6 +347,7 @@ class Trainer:
                     "loss": _mean_over_processes(acc, stats["loss"]),
                     "text_loss": _mean_over_processes(acc, stats["text_loss"]),
                     "flow_loss": _mean_over_processes(acc, stats["flow_loss"]),
+                    "patch_loss": _mean_over_processes(acc, stats["patch_loss"]),
                     "lr": self.schedule.get_last_lr()[0],
                     "tokens_per_s": window_tokens * acc.num_processes / max(elapsed, 1e-9),
                 }

@@ -32,7 +32,8 @@ from mmgen.shapesworld import (
     spec_matches,
 )
 from mmgen.shapesworld import language as lang
-from mmgen.shapesworld.scene import EDGE_MARGIN, MIN_GAP
+from mmgen.shapesworld.render import patch_shapes
+from mmgen.shapesworld.scene import EDGE_MARGIN, MIN_GAP, PALETTE
 
 ALL_CATEGORIES = [c for cats in TASKS.values() for c in cats]
 
@@ -151,6 +152,29 @@ def test_every_shape_renders_with_a_distinct_footprint():
                 inter = (masks[s1] & masks[s2]).sum()
                 union = (masks[s1] | masks[s2]).sum()
                 assert inter / union < 0.85, f"{s1} and {s2} look too alike"
+
+
+def test_patch_shapes_name_the_shape_each_cell_of_the_picture_shows():
+    def share(pixels, rgb):
+        return (np.abs(pixels - rgb).sum(-1) < 40).mean()
+
+    square = 1 + SHAPES.index("square")
+    cells = patch_shapes(Scene((Obj("square", "red", "large", 0.5, 0.5),)), 8).reshape(8, 8)
+    assert (cells[3:5, 3:5] == square).all() and cells[0, 0] == 0 and set(cells.ravel()) == {0, square}
+    for seed in range(20):
+        scene = random_scene(random.Random(seed))
+        image = np.asarray(render(scene)).astype(int)
+        cells = patch_shapes(scene, 8).reshape(8, 8)
+        for i in range(8):
+            for j in range(8):
+                pixels = image[8 * i: 8 * i + 8, 8 * j: 8 * j + 8].reshape(-1, 3)
+                if cells[i, j]:
+                    named = [o for o in scene.objects if 1 + SHAPES.index(o.shape) == cells[i, j]]
+                    assert max(share(pixels, PALETTE[o.color]) for o in named) > 0.05, (seed, i, j)
+                else:
+                    assert share(pixels, BACKGROUND) > 0.5, (seed, i, j)
+    with pytest.raises(ValueError, match="8 x 8|7 x 7"):
+        patch_shapes(scene, 7)
 
 
 # -- language ----------------------------------------------------------------------------------

@@ -257,12 +257,19 @@ def test_a_run_without_checkpoint_can_start_from_an_exported_model(tmp_path, vae
             assert (trainer.unwrapped.image_modules.state_dict()[name] == tensor).all(), name
 
 
-def export_first_stage(tmp_path: Path, vae_dir, name: str, max_steps: int = 2) -> Path:
+def export_first_stage(tmp_path: Path, vae_dir, name: str, max_steps: int = 2, **overrides) -> Path:
     """Train a first stage for a few steps in tmp_path/a and export it to tmp_path/name."""
     (tmp_path / "a").mkdir()
-    config = write_config(tmp_path / "a", vae_dir, max_steps=max_steps, export_dir=str(tmp_path / name))
+    config = write_config(tmp_path / "a", vae_dir, max_steps=max_steps, export_dir=str(tmp_path / name), **overrides)
     Trainer(*parse_config((ModelArguments, TrainArguments), config)).train()
     return tmp_path / name
+
+
+def next_stage(tmp_path: Path, vae_dir, source: str, **overrides) -> Trainer:
+    """A trainer for a stage in tmp_path/b that starts from the export tmp_path/source."""
+    (tmp_path / "b").mkdir()
+    config = write_config(tmp_path / "b", vae_dir, init_from=str(tmp_path / source), **overrides)
+    return Trainer(*parse_config((ModelArguments, TrainArguments), config))
 
 
 def image_modules_moved(before: Path, after: Path) -> set[str]:
@@ -363,10 +370,7 @@ def test_a_stage_can_add_patch_convolutions_to_a_model_trained_without(tmp_path,
     """`image_in_convs` adds weights that start at zero: a stage from an export without them embeds images
     exactly as the export did, then trains them, and the export draws with them."""
     export_first_stage(tmp_path, vae_dir, "plain")
-    (tmp_path / "b").mkdir()
-    second = write_config(tmp_path / "b", vae_dir, max_steps=6, init_from=str(tmp_path / "plain"),
-                          export_dir=str(tmp_path / "convs"), image_in_convs=2)
-    trainer = Trainer(*parse_config((ModelArguments, TrainArguments), second))
+    trainer = next_stage(tmp_path, vae_dir, "plain", max_steps=6, export_dir=str(tmp_path / "convs"), image_in_convs=2)
     trainer.resume()
     plain = MMGenPipeline.from_pretrained(tmp_path / "plain").unified
     tok = plain.image_tokenizer
@@ -388,6 +392,51 @@ def test_a_stage_can_add_patch_convolutions_to_a_model_trained_without(tmp_path,
     back = write_config(tmp_path / "c", vae_dir, max_steps=8, init_from=str(tmp_path / "convs"))
     with pytest.raises(ValueError, match="patch_convs"):
         Trainer(*parse_config((ModelArguments, TrainArguments), back)).resume()
+
+
+def test_a_stage_can_give_the_backbone_more_key_value_heads(tmp_path, vae_dir):
+    """A stage with more key/value heads than its export starts from them repeated: the backbone computes
+    exactly what the export's did, then trains the heads apart. A count the saved heads cannot be repeated
+    into is refused by name."""
+    export_first_stage(tmp_path, vae_dir, "shared", num_kv_heads=1)
+    trainer = next_stage(tmp_path, vae_dir, "shared", max_steps=5, export_dir=str(tmp_path / "grown"), num_kv_heads=4)
+    trainer.resume()
+    shared = MMGenPipeline.from_pretrained(tmp_path / "shared").backbone
+    ids = torch.randint(0, shared.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.unwrapped.backbone(ids).logits, shared(ids).logits)
+    trainer.train()
+    grown = MMGenPipeline.from_pretrained(tmp_path / "grown").backbone
+    assert grown.config.num_key_value_heads == 4
+    keys = grown.model.layers[0].self_attn.k_proj.weight.reshape(4, -1, grown.config.hidden_size)
+    assert not torch.equal(keys[0], keys[1]), "training moved the repeated heads apart"
+    (tmp_path / "c").mkdir()
+    odd = write_config(tmp_path / "c", vae_dir, init_from=str(tmp_path / "grown"), num_kv_heads=2)
+    with pytest.raises(ValueError, match="repeat key/value heads.*4"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), odd)).resume()
+
+
+def test_the_patch_shape_loss_trains_a_classifier_on_the_tokens_the_backbone_reads(tmp_path, vae_dir):
+    """With patch_label_weight each step also classifies the patches of labelled ShapesWorld scenes: the
+    classifier learns off zero, the loss is logged and falls, and a stage adds the classifier to an export
+    without one. Without ShapesWorld data or the right classes it is refused by name."""
+    export_first_stage(tmp_path, vae_dir, "plain")
+    rows = next_stage(tmp_path, vae_dir, "plain", max_steps=14, export_dir=str(tmp_path / "labelled"), patch_classes=6,
+                      patch_label_weight=1.0, patch_label_images=4, task_weights={"i2t": 1.0}).train()
+    losses = [r["patch_loss"] for r in rows]
+    assert losses[0] == pytest.approx(math.log(6), rel=1e-3), "a zero classifier starts at chance over six classes"
+    assert sum(losses[-4:]) / 4 < 0.8 * losses[0]
+    pipe = MMGenPipeline.from_pretrained(tmp_path / "labelled")
+    assert pipe.model.patch_classifier.weight.abs().sum() > 0
+    pipe.set_progress_bar_config(disable=True)
+    assert len(pipe("draw a red circle.", max_new_tokens=4, num_inference_steps=2, max_images=1).segments) == 1
+    for overrides, message in (({"patch_label_weight": 1.0}, "patch_classes: 6"),
+                               ({"patch_label_weight": 1.0, "patch_classes": 3}, "patch_classes: 6 .*got 3"),
+                               ({"patch_label_weight": -1.0, "patch_classes": 6}, "patch_label_weight"),
+                               ({"patch_label_weight": 1.0, "patch_classes": 6, "data": str(tmp_path / "d.jsonl")},
+                                "data: shapesworld")):
+        with pytest.raises(ValueError, match=message):
+            Trainer(*parse_config((ModelArguments, TrainArguments), write_config(tmp_path, vae_dir, **overrides)))
 
 
 def test_a_new_stage_restarts_warm_up_and_decay_at_its_first_step(tmp_path, vae_dir):

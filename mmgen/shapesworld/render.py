@@ -88,6 +88,27 @@ def coverage(
     return hit.reshape(h, supersample, w, supersample).mean(axis=(1, 3))
 
 
+def patch_shapes(scene: Scene, grid: int, size: int = 64, min_cover: float = 0.15) -> np.ndarray:
+    """The shape in each cell of a `grid` x `grid` partition of the rendered image, row-major: 0 for the
+    background, 1 + its index in SHAPES for the object that shows most in the cell, if it covers at least
+    `min_cover` of it. Later objects are painted over earlier ones, as `render` paints them."""
+    if size % grid:
+        raise ValueError(f"a {size} px image does not split into a {grid} x {grid} grid")
+    shown = np.zeros((len(scene.objects), size, size))
+    for k, obj in enumerate(scene.objects):
+        cx, cy, r = obj.x * size, obj.y * size, obj.radius * size
+        x0, y0 = max(int(math.floor(cx - r)), 0), max(int(math.floor(cy - r)), 0)
+        x1, y1 = min(int(math.ceil(cx + r)), size), min(int(math.ceil(cy + r)), size)
+        alpha = coverage(obj.shape, cx, cy, r, r, (x0, y0, x1, y1))
+        shown[:k, y0:y1, x0:x1] *= 1.0 - alpha
+        shown[k, y0:y1, x0:x1] = alpha
+    cell = size // grid
+    per_cell = shown.reshape(len(scene.objects), grid, cell, grid, cell).mean(axis=(2, 4)).reshape(len(scene.objects), -1)
+    classes = np.array([1 + SHAPES.index(obj.shape) for obj in scene.objects])
+    best = per_cell.argmax(axis=0)
+    return np.where(per_cell.max(axis=0) >= min_cover, classes[best], 0)
+
+
 def render(scene: Scene, size: int = 64) -> PIL.Image.Image:
     """Draw `scene` as a `size` x `size` RGB image: deterministic and anti-aliased."""
     if not isinstance(scene, Scene):
