@@ -115,7 +115,11 @@ class TrainArguments:
                           "background or the shape that covers it, so that a shape is written into the tokens a "
                           "question looks it up by, as a colour already is."},
     )
-    patch_label_images: int = 24
+    patch_label_images: int = field(
+        default=8,
+        metadata={"help": "Scenes per step for patch_label_weight. The classifier fits within a few hundred steps "
+                          "at 8; each scene is one more render and VAE encode in the batch worker."},
+    )
     timestep_shift: list[float] = field(
         default_factory=lambda: [1.0],
         metadata={"help": "Shift of the flow loss's logit-normal t toward noise, t -> s·t / (1 + (s-1)·t), as SD3 "

@@ -103,9 +103,8 @@ def repeat_kv_heads(weights: dict, saved_config, config) -> dict:
 
     Grouped-query attention lets each key/value head serve a group of query heads; repeating a head for each
     of its query heads' new groups leaves every attention score and output as it was, so a stage can start
-    from a model with fewer key/value heads and train them apart. Mostly it is a small backbone's one shared
-    key head that binds it: the stage-11 default model gives the same colour whichever shape a question
-    names, because that key carries the colours it looks things up by and not the shapes.
+    from a model with fewer key/value heads and train them apart: one key shared by all query heads must
+    carry everything any of them looks things up by.
     """
     saved = getattr(saved_config, "num_key_value_heads", None)
     wanted = getattr(config, "num_key_value_heads", None)
