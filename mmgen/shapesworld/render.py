@@ -88,6 +88,14 @@ def coverage(
     return hit.reshape(h, supersample, w, supersample).mean(axis=(1, 3))
 
 
+def _footprint(obj, size: int) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """The pixel box (x0, y0, x1, y1) an object may cover in a `size` px image, and its coverage there."""
+    cx, cy, r = obj.x * size, obj.y * size, obj.radius * size
+    x0, y0 = max(int(math.floor(cx - r)), 0), max(int(math.floor(cy - r)), 0)
+    x1, y1 = min(int(math.ceil(cx + r)), size), min(int(math.ceil(cy + r)), size)
+    return (x0, y0, x1, y1), coverage(obj.shape, cx, cy, r, r, (x0, y0, x1, y1))
+
+
 def patch_shapes(scene: Scene, grid: int, size: int = 64, min_cover: float = 0.15) -> np.ndarray:
     """The shape in each cell of a `grid` x `grid` partition of the rendered image, row-major: 0 for the
     background, 1 + its index in SHAPES for the object that shows most in the cell, if it covers at least
@@ -96,10 +104,7 @@ def patch_shapes(scene: Scene, grid: int, size: int = 64, min_cover: float = 0.1
         raise ValueError(f"a {size} px image does not split into a {grid} x {grid} grid")
     shown = np.zeros((len(scene.objects), size, size))
     for k, obj in enumerate(scene.objects):
-        cx, cy, r = obj.x * size, obj.y * size, obj.radius * size
-        x0, y0 = max(int(math.floor(cx - r)), 0), max(int(math.floor(cy - r)), 0)
-        x1, y1 = min(int(math.ceil(cx + r)), size), min(int(math.ceil(cy + r)), size)
-        alpha = coverage(obj.shape, cx, cy, r, r, (x0, y0, x1, y1))
+        (x0, y0, x1, y1), alpha = _footprint(obj, size)
         shown[:k, y0:y1, x0:x1] *= 1.0 - alpha
         shown[k, y0:y1, x0:x1] = alpha
     cell = size // grid
@@ -118,10 +123,8 @@ def render(scene: Scene, size: int = 64) -> PIL.Image.Image:
     canvas = np.empty((size, size, 3), dtype=np.float64)
     canvas[:] = BACKGROUND
     for obj in scene.objects:
-        cx, cy, r = obj.x * size, obj.y * size, obj.radius * size
-        x0, y0 = max(int(math.floor(cx - r)), 0), max(int(math.floor(cy - r)), 0)
-        x1, y1 = min(int(math.ceil(cx + r)), size), min(int(math.ceil(cy + r)), size)
-        alpha = coverage(obj.shape, cx, cy, r, r, (x0, y0, x1, y1))[..., None]
+        (x0, y0, x1, y1), alpha = _footprint(obj, size)
+        alpha = alpha[..., None]
         region = canvas[y0:y1, x0:x1]
         canvas[y0:y1, x0:x1] = region * (1.0 - alpha) + np.asarray(PALETTE[obj.color], dtype=np.float64) * alpha
     return PIL.Image.fromarray(np.round(canvas).astype(np.uint8))
