@@ -73,6 +73,11 @@ class DrafterTrainArguments:
     draft_lm_layers: int = 2
     draft_lm_hidden_size: int = 128
     draft_lm_heads: int = 4
+    init_from: str | None = field(
+        default=None, metadata={"help": "A drafter folder of the same shape to start from instead of random weights, e.g. "
+                                 "the model's own drafter/ after a training stage changed the target: the old "
+                                 "drafter relearns the new target in fewer steps than a new one needs."}
+    )
     seed: int = 0
     samples: int = 1024
     task_weights: dict = field(default_factory=lambda: {"i2t": 3.0, "story": 3.0, "edit": 1.0, "t2i": 1.0})
@@ -455,11 +460,27 @@ def build_head(pipe, args: DrafterTrainArguments) -> VisionDraftHead:
     hidden = pipe.backbone.get_input_embeddings().weight.shape[1]
     intermediate = args.intermediate_size or getattr(config, "intermediate_size", None) or 4 * hidden
     torch.manual_seed(args.seed)  # the same start whether the traces were generated or read from the cache
-    return VisionDraftHead(
+    head = VisionDraftHead(
         hidden_size=hidden, num_heads=args.num_heads, intermediate_size=intermediate,
         image_adaptor=args.image_adaptor, adaptor_tokens=args.adaptor_tokens, rope_theta=10000.0,
         max_draft=args.max_draft, stop_below=args.stop_below, siblings=args.siblings,
     )
+    if args.init_from:
+        load_start(head, VisionDraftHead.from_pretrained(args.init_from), args.init_from)
+    return head
+
+
+def load_start(module: torch.nn.Module, source: torch.nn.Module, folder: str) -> None:
+    """Copy the weights of `source`, the drafter saved in `folder`, into the recipe's freshly built `module`.
+    The recipe keeps its own drafting settings (`max_draft`, `stop_below`, `siblings`); the shapes must agree."""
+    ours, theirs = module.state_dict(), source.state_dict()
+    differ = sorted(set(ours) ^ set(theirs)) or [k for k in ours if ours[k].shape != theirs[k].shape]
+    if differ:
+        name = differ[0]
+        recipe, saved = (str(tuple(d[name].shape)) if name in d else "missing" for d in (ours, theirs))
+        raise ValueError(f"init_from {folder} holds a drafter of another shape ({name}: {recipe} in the recipe, "
+                         f"{saved} in the folder); the recipe's kind, image_adaptor and sizes must match its")
+    module.load_state_dict(theirs)
 
 
 def train_head(pipe, traces: list[TargetTrace], args: DrafterTrainArguments, head: VisionDraftHead | None = None,
@@ -492,7 +513,10 @@ def build_draft_lm(pipe, args: DrafterTrainArguments):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(args.seed)
-    return AutoModelForCausalLM.from_config(config)
+    draft = AutoModelForCausalLM.from_config(config)
+    if args.init_from:
+        load_start(draft, AutoModelForCausalLM.from_pretrained(args.init_from), args.init_from)
+    return draft
 
 
 def train_draft_lm(pipe, traces: list[TargetTrace], args: DrafterTrainArguments, checkpoint: Path | None = None,
@@ -592,6 +616,8 @@ def train_drafter(args: DrafterTrainArguments) -> Path:
         raise ValueError(f"unknown drafter kind {args.kind!r}; known: {', '.join(KINDS)}")
     if min(args.samples, args.steps, args.batch_size, args.unroll, args.save_every) < 1:
         raise ValueError("samples, steps, batch_size, unroll and save_every must be >= 1")
+    if args.init_from and not Path(args.init_from).is_dir():
+        raise ValueError(f"init_from: no drafter folder at {args.init_from}")
     torch.manual_seed(args.seed)
     model_dir = Path(args.model) if args.model not in (None, "default") else DEFAULT_MODEL_DIR
     pipe = MMGenPipeline.from_pretrained(model_dir)
