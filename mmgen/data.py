@@ -98,11 +98,13 @@ class ShapesWorldData:
         self.category_weights = args.category_weights
         if self.category_weights:
             ShapesWorld.check_category_weights(self.category_weights)
-        ShapesWorld.check_ordered_layouts(args.ordered_layouts)
+        ShapesWorld.check_share("ordered_layouts", args.ordered_layouts)
+        ShapesWorld.check_share("layout_plans", args.layout_plans)
 
     def batch(self, step: int, micro: int = 0) -> PackedBatch:
         seed = batch_seed(self.args.seed, step, micro, self.process_index)
-        world = self.world_cls(seed=seed, size=self.image_size, ordered_layouts=self.args.ordered_layouts)
+        world = self.world_cls(seed=seed, size=self.image_size, ordered_layouts=self.args.ordered_layouts,
+                               layout_plans=self.args.layout_plans)
         rng = random.Random(seed)
         pairs = []
         for _ in range(self.args.batch_size):

@@ -355,10 +355,42 @@ def test_ordered_layouts_lay_two_objects_out_as_the_prompt_reads_and_leave_other
                 == plain.sample_at(i, task="t2i", category="counting").spec)
 
 
+@pytest.mark.parametrize("category", ["single_object", "colors", "two_objects", "color_attribution", "position",
+                                      "counting"])
+def test_layout_plans_name_the_asked_objects_in_the_prompts_order_with_the_cells_of_the_picture(category):
+    from transformers import AutoTokenizer
+
+    from mmgen.config import DEFAULT_MODEL_DIR
+    from mmgen.evals.shapesbench import GENERATION_LIMITS
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "tokenizer")
+    planned, plain = ShapesWorld(seed=4, layout_plans=1.0), ShapesWorld(seed=4)
+    for i in range(30):
+        sample, unplanned = (w.sample_at(i, task="t2i", category=category) for w in (planned, plain))
+        assert sample.spec == unplanned.spec and len(sample.answer) == 2 and isinstance(sample.answer[0], Text)
+        assert np.array_equal(np.asarray(sample.answer[1].image), np.asarray(unplanned.answer[0].image))
+        entries = [e.split() for e in sample.answer[0].text.strip().rstrip(".").split(", ")]
+        asked = [(r["color"], r["shape"]) for r in sample.spec["require"] for _ in range(r["count"])]
+        assert [(c if named else None, s) for (c, s, _), (named, _) in zip(entries, asked)] == asked
+        cells = {lang.layout_cell(Obj.from_dict(o)) for o in sample.spec["scene"]}
+        assert {cell for _, _, cell in entries} == cells
+        if sample.spec["relation"]:
+            (_, _, first), (_, _, second) = entries
+            rel = sample.spec["relation"][1]
+            column, row = (ord(first[0]) - ord(second[0])), int(first[1:]) - int(second[1:])
+            assert {"left of": column <= 0, "right of": column >= 0, "above": row <= 0, "below": row >= 0}[rel]
+        room = GENERATION_LIMITS["t2i"][0]  # the text ShapesBench lets a model write before its picture
+        assert len(tokenizer(sample.answer[0].text)["input_ids"]) < room
+    assert lang.layout_cell(Obj("circle", "red", "small", 0.0, 1.0)) == "a8"
+    assert lang.layout_cell(Obj("circle", "red", "small", 0.99, 0.126)) == "h2"
+
+
 def test_world_rejects_bad_arguments_with_clear_errors():
     world = ShapesWorld(seed=0)
     with pytest.raises(ValueError, match="ordered_layouts must be a share in"):
         ShapesWorld(seed=0, ordered_layouts=1.5)
+    with pytest.raises(ValueError, match="layout_plans must be a share in"):
+        ShapesWorld(seed=0, layout_plans=-0.1)
     with pytest.raises(ValueError, match="unknown task"):
         world.sample(task="video")
     with pytest.raises(ValueError, match="unknown category"):

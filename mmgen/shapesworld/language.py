@@ -60,6 +60,22 @@ def reference(spec: ObjSpec) -> str:
     return noun_phrase(spec, with_size=spec.size is not None, definite=True)
 
 
+PLAN_COLUMNS = "abcdefgh"
+
+
+def layout_cell(obj) -> str:
+    """The cell of an object's centre on an 8 × 8 board, as on a chess board: column a–h from the left, then
+    row 1–8 from the top ('b3'). Mostly two tokens, and one cell is one patch of the default model's grid."""
+    column, row = (min(int(v * len(PLAN_COLUMNS)), len(PLAN_COLUMNS) - 1) for v in (obj.x, obj.y))
+    return f"{PLAN_COLUMNS[column]}{row + 1}"
+
+
+def layout_plan(objects: Sequence) -> str:
+    """The plan a model writes before it draws: each object, in the order given, with its colour, shape and
+    cell ('red circle b3, blue square f3.'). Four objects fit in 21 tokens."""
+    return ", ".join(f"{o.color} {o.shape} {layout_cell(o)}" for o in objects) + "."
+
+
 def relation_phrase(rel: str, rng: random.Random | None = None) -> str:
     if rel not in RELATION_PHRASES:
         raise ValueError(f"unknown relation {rel!r}; expected one of {list(RELATIONS)}")
