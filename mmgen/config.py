@@ -73,6 +73,11 @@ class ModelArguments:
         metadata={"help": "Tell the flow head where each condition token stands, so it can bind a relation or a "
                           "colour to the noun it belongs to."},
     )
+    head_plan: bool = field(
+        default=False,
+        metadata={"help": "Give the flow head the states of each layout-plan entry ('red circle b4,') at its cell, "
+                          "so colour, shape and place reach the head together (needs head_text_tokens > 0)."},
+    )
     image_in_convs: int = field(
         default=0,
         metadata={"help": "3x3 convolution layers over the patch grid beside image_in, so context images "

@@ -86,6 +86,11 @@ class FlowHead(ModelMixin, ConfigMixin):
     `condition_order` adds `cond_order`: sinusoidal features of each condition token's index, projected and
     added to the token. Without it the joint attention sees the condition as a set, and which noun a relation
     or a colour belongs to is only as clear as the backbone's states make it. It starts at zero too.
+
+    `plan_input` adds `plan_in`: the backbone's states of each layout-plan entry, spread over the patches around
+    its cell (`UnifiedModel.plan_map`), projected and added to the noisy tokens there, the way GLIGEN grounds a
+    phrase in a box. Each object's colour and shape then reach the head together at its place, instead of the
+    head having to match them up among the text tokens. It starts at zero, with no bias.
     """
 
     @register_to_config
@@ -100,12 +105,16 @@ class FlowHead(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         reference_input: bool = False,
         condition_order: bool = False,
+        plan_input: bool = False,
     ):
         super().__init__()
         self.x_in = nn.Linear(token_dim, hidden_size)
         self.reference_in = nn.Linear(token_dim, hidden_size, bias=False) if reference_input else None
         if self.reference_in is not None:
             nn.init.zeros_(self.reference_in.weight)
+        self.plan_in = nn.Linear(cond_dim, hidden_size, bias=False) if plan_input else None
+        if self.plan_in is not None:
+            nn.init.zeros_(self.plan_in.weight)
         self.pos = nn.Linear(hidden_size, hidden_size)
         self.cond_order = nn.Linear(hidden_size, hidden_size, bias=False) if condition_order else None
         if self.cond_order is not None:
@@ -123,17 +132,23 @@ class FlowHead(ModelMixin, ConfigMixin):
         self.register_buffer("grid", square_grid(grid_size), persistent=False)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                cond_mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+                cond_mask: torch.Tensor | None = None, reference: torch.Tensor | None = None,
+                plan: torch.Tensor | None = None) -> torch.Tensor:
         """x_t (B, N, token_dim), t (B,) in [0, 1], cond (B, C, cond_dim) → velocity (B, N, token_dim).
 
         `cond_mask` (B, C) bool marks the real condition tokens of a padded batch (None: all are real).
-        `reference` (B, N, token_dim) holds reference latents for a head with a reference input (None: none)."""
+        `reference` (B, N, token_dim) holds reference latents for a head with a reference input, and `plan`
+        (B, N, cond_dim) plan maps for a head with a plan input (None: none; zeros: none for that image)."""
         hidden = self.config.hidden_size
         x = self.x_in(x_t) + self.pos(grid_sincos(self.grid, hidden).to(x_t.dtype))
         if reference is not None:
             if self.reference_in is None:
                 raise ValueError("this flow head has no reference input (reference_input=False)")
             x = x + self.reference_in(reference.to(x_t.dtype))
+        if plan is not None:
+            if self.plan_in is None:
+                raise ValueError("this flow head has no plan input (plan_input=False)")
+            x = x + self.plan_in(plan.to(x_t.dtype))
         c_tokens = self.cond_in(cond)
         if cond_mask is None:
             pooled, mask = c_tokens.mean(1), None

@@ -177,6 +177,7 @@ def build_model(args: ModelArguments) -> tuple[UnifiedModel, object]:
         head_image_tokens=args.head_image_tokens,
         head_reference=args.head_reference,
         head_condition_order=args.head_condition_order,
+        head_plan=args.head_plan,
         image_in_convs=args.image_in_convs,
         patch_classes=args.patch_classes,
     )

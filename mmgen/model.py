@@ -23,6 +23,7 @@ from torch import nn
 from .attention_scores import received_attention
 from .compression import CompressionSpec, VisualCompressor
 from .flow_head import FlowHead, grid_sincos, pad_conditions, square_grid
+from .layout import PlanEntry
 from .stream import IGNORE_INDEX, ImageSpan, PackedBatch
 
 RESAMPLER_PREFIX = "compressor.resampler."  # names of the learned resampler's weights in ImageModules
@@ -30,6 +31,8 @@ PATCH_CONVS_PREFIX = "patch_convs."  # names of the weights `image_in_convs` add
 PATCH_CLASSIFIER_PREFIX = "patch_classifier."  # and `patch_classes`
 REFERENCE_PREFIX = "flow_head.reference_in."  # names of the weights `head_reference` adds
 CONDITION_ORDER_PREFIX = "flow_head.cond_order."  # names of the weights `head_condition_order` adds
+PLAN_PREFIX = "flow_head.plan_in."  # names of the weights `head_plan` adds
+PLAN_SPREAD = 0.6  # how far a plan entry reaches around its cell: the σ of its Gaussian weights, in patches
 
 
 @functools.cache
@@ -87,7 +90,9 @@ class ImageModules(ModelMixin, ConfigMixin):
     latest context image before the one it draws, average-pooled to at most that many tokens: the scene a
     story step or an edit changes, which otherwise reaches the head only through the queries.
     `head_reference` gives the flow head a reference input (`FlowHead`): the clean latent of that same image,
-    patch by patch, so a picture can keep what the one before it showed, where it showed it.
+    patch by patch, so a picture can keep what the one before it showed, where it showed it. `head_plan` gives
+    it a plan input (`FlowHead`, `UnifiedModel.plan_map`): the states of each layout-plan entry in the text it
+    reads, at the entry's cell.
     `image_in_convs` adds that many `PatchConvs` layers beside `image_in` (0: none). `patch_classes` adds a linear
     classifier on each context-image token (`patch_logits`), which only training reads. `embed_scale` is the RMS
     of the backbone's token embeddings: context-image tokens and queries start at that scale, so that the
@@ -118,12 +123,15 @@ class ImageModules(ModelMixin, ConfigMixin):
         head_reference: bool = False,
         head_condition_order: bool = False,
         patch_classes: int = 0,
+        head_plan: bool = False,
     ):
         super().__init__()
         for name, value in (("head_text_tokens", head_text_tokens), ("image_in_convs", image_in_convs),
                             ("head_image_tokens", head_image_tokens), ("patch_classes", patch_classes)):
             if value < 0:
                 raise ValueError(f"{name} must be 0 or more, got {value}")
+        if head_plan and not head_text_tokens:
+            raise ValueError("head_plan needs head_text_tokens > 0: the plan is read from the text states the head reads")
         d = backbone_hidden_size
         self.image_in = nn.Sequential(nn.Linear(token_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.patch_convs = PatchConvs(token_dim, d, d, image_in_convs) if image_in_convs else None
@@ -150,6 +158,7 @@ class ImageModules(ModelMixin, ConfigMixin):
             mlp_ratio=head_mlp_ratio,
             reference_input=head_reference,
             condition_order=head_condition_order,
+            plan_input=head_plan,
         )
         self.register_buffer("grid", square_grid(grid_size), persistent=False)
 
@@ -219,6 +228,10 @@ class UnifiedModel(nn.Module):
     @property
     def head_reference(self) -> bool:
         return self.image_modules.config.head_reference
+
+    @property
+    def head_plan(self) -> bool:
+        return self.image_modules.config.head_plan
 
     @property
     def device(self) -> torch.device:
@@ -320,8 +333,9 @@ class UnifiedModel(nn.Module):
         return self.backbone.get_output_embeddings()(hidden).float()
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                 cond_mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
-        return self.image_modules.flow_head(x_t, t, cond, cond_mask, reference)
+                 cond_mask: torch.Tensor | None = None, reference: torch.Tensor | None = None,
+                 plan: torch.Tensor | None = None) -> torch.Tensor:
+        return self.image_modules.flow_head(x_t, t, cond, cond_mask, reference, plan)
 
     def reference_patches(self, latents: list[torch.Tensor | None]) -> torch.Tensor | None:
         """The flow head's reference input for a batch of images, from each one's reference latent (C, H, W)
@@ -331,6 +345,35 @@ class UnifiedModel(nn.Module):
         like = next(latent for latent in latents if latent is not None)
         stacked = torch.stack([like.new_zeros(like.shape) if latent is None else latent for latent in latents])
         return self.image_tokenizer.patchify(stacked.to(self.device)).to(self.image_modules.queries.dtype)
+
+    def plan_map(self, text_states: torch.Tensor | None, entries: Sequence[PlanEntry]) -> torch.Tensor | None:
+        """One image's plan input (N, d): the states of each layout-plan entry, averaged and normalised, spread
+        over the patches around its cell with Gaussian weights (`PLAN_SPREAD`).
+
+        `text_states` end at the image's `<|image_start|>`, and `entries` are counted back from there
+        (`StreamCodec.plan_entries`). Only entries within the last `head_text_tokens` states count, the text the
+        head reads. None: the head has no plan input, or no entry counts."""
+        if not self.head_plan or text_states is None:
+            return None
+        n = len(text_states)
+        kept = [e for e in entries if -e.first <= min(n, self.head_text_tokens)]
+        if not kept:
+            return None
+        vectors = torch.stack([text_states[n + e.first: n + e.last + 1].float().mean(0) for e in kept])
+        vectors = F.layer_norm(vectors, vectors.shape[-1:])
+        side = self.image_modules.config.grid_size
+        centres = torch.tensor([[e.y * side - 0.5, e.x * side - 0.5] for e in kept], device=vectors.device)
+        distances = (self.image_modules.grid[None] - centres[:, None]).pow(2).sum(-1)  # (entries, N), in patches²
+        weights = torch.exp(-distances / (2 * PLAN_SPREAD**2))
+        return (weights.T @ vectors).to(text_states.dtype)
+
+    def plan_patches(self, maps: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """The flow head's plan input for a batch of images (B, N, d), from each one's `plan_map` (None: zeros);
+        None when no image has one."""
+        if all(m is None for m in maps):
+            return None
+        like = next(m for m in maps if m is not None)
+        return torch.stack([like.new_zeros(like.shape) if m is None else m for m in maps])
 
     def head_condition(self, query_states: torch.Tensor, text_states: torch.Tensor | None,
                        image_states: torch.Tensor | None = None) -> torch.Tensor:
@@ -350,25 +393,26 @@ class UnifiedModel(nn.Module):
         before = [other for other_row, other in batch.spans if other_row == row and begin <= other.end < span.start]
         return max(before, key=lambda other: other.end, default=None)
 
-    def training_head_inputs(self, hidden: torch.Tensor, batch: PackedBatch, row: int,
-                             span: ImageSpan) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The flow-head condition and reference latent (None: none) of a generated image in a teacher-forced
-        pass, as the pipeline builds them.
+    def training_head_inputs(self, hidden: torch.Tensor, batch: PackedBatch, row: int, span: ImageSpan
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The flow-head condition, reference latent and plan map (None: none) of a generated image in a
+        teacher-forced pass, as the pipeline builds them.
 
         The text it reads runs from its sequence's start or the previous image's `<|image_end|>`, whichever is
         later, through its `<|image_start|>`; that previous image is also its reference. A text-dropout image
         sees nothing before it (as the pipeline's null branch): it reads its `<|image_start|>` alone, and has
-        no earlier image and no reference."""
+        no earlier image, no reference and no plan."""
         queries = hidden[row, span.query_slice]
         if span.drop_text:
-            return self.head_condition(queries, hidden[row, span.start: span.start + 1]), None
+            return self.head_condition(queries, hidden[row, span.start: span.start + 1]), None, None
         previous = self.previous_image(batch, row, span)
+        begin = _sequence_start(batch, row, span.start) if previous is None else previous.end + 1
+        text = hidden[row, begin: span.start + 1]
+        plan = self.plan_map(text, span.plan)
         if previous is None:
-            begin = _sequence_start(batch, row, span.start)
-            return self.head_condition(queries, hidden[row, begin: span.start + 1]), None
-        condition = self.head_condition(queries, hidden[row, previous.end + 1: span.start + 1],
-                                        hidden[row, previous.vision_slice])
-        return condition, batch.latents[previous.latent_index]
+            return self.head_condition(queries, text), None, plan
+        condition = self.head_condition(queries, text, hidden[row, previous.vision_slice])
+        return condition, batch.latents[previous.latent_index], plan
 
     # -- training -------------------------------------------------------------------------------
     def forward(
@@ -399,12 +443,15 @@ class UnifiedModel(nn.Module):
         generated = [(row, span) for row, span in batch.spans if span.num_queries]
         if generated:
             inputs = [self.training_head_inputs(hidden, batch, row, span) for row, span in generated]
-            cond, cond_mask = pad_conditions([condition for condition, _ in inputs])
+            cond, cond_mask = pad_conditions([condition for condition, _, _ in inputs])
             x0 = self.image_tokenizer.patchify(torch.stack([batch.latents[s.latent_index] for _, s in generated]))
             x0 = x0.to(cond.dtype).repeat(flow_repeats, 1, 1)
-            reference = self.reference_patches([latent for _, latent in inputs])
+            reference = self.reference_patches([latent for _, latent, _ in inputs])
             if reference is not None:
                 reference = reference.repeat(flow_repeats, 1, 1)
+            plan = self.plan_patches([plan for _, _, plan in inputs])
+            if plan is not None:
+                plan = plan.repeat(flow_repeats, 1, 1)
             cond = cond.repeat(flow_repeats, 1, 1)
             cond_mask = None if cond_mask is None else cond_mask.repeat(flow_repeats, 1)
             t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device, generator=generator))  # logit-normal
@@ -416,7 +463,7 @@ class UnifiedModel(nn.Module):
             t = shift * t / (1 + (shift - 1) * t)
             noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
             x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
-            flow_loss = F.mse_loss(self.velocity(x_t, t, cond, cond_mask, reference).float(), (noise - x0).float())
+            flow_loss = F.mse_loss(self.velocity(x_t, t, cond, cond_mask, reference, plan).float(), (noise - x0).float())
         else:
             flow_loss = hidden.sum() * 0.0
         loss = text_loss + flow_weight * flow_loss

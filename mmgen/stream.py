@@ -17,10 +17,11 @@ Positions: text counts up; `<|image_start|>` takes p, every q and v token of the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from .layout import PlanEntry, plan_entries
 from .segments import Image, Segment, Text
 
 IMAGE_START = "<|image_start|>"
@@ -83,7 +84,8 @@ class ImageSpan:
 
     `num_queries` is Q for an image the model is trained to generate and 0 for a context image.
     `drop_text` marks a training image whose `<|image_start|>` and queries see nothing before it: the
-    unconditional branch of classifier-free guidance, as the pipeline forwards it on its own.
+    unconditional branch of classifier-free guidance, as the pipeline forwards it on its own. `plan` holds the
+    layout-plan entries of a generated image's text since the previous image, through its `<|image_start|>`.
     """
 
     start: int
@@ -92,6 +94,7 @@ class ImageSpan:
     latent_index: int
     compression: str = "none"
     drop_text: bool = False
+    plan: tuple[PlanEntry, ...] = ()
 
     @property
     def query_slice(self) -> slice:
@@ -154,6 +157,7 @@ class StreamCodec:
         self.tokenizer = tokenizer
         self.num_queries = num_queries
         self.ids = SpecialIds.from_tokenizer(tokenizer)
+        self._pieces: dict[int, str] = {}
 
     # -- text -----------------------------------------------------------------------------------
     def text_ids(self, text: str) -> list[int]:
@@ -162,6 +166,15 @@ class StreamCodec:
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def plan_entries(self, ids: Sequence[int]) -> list[PlanEntry]:
+        """The layout-plan entries of a run of token ids (`layout.plan_entries`), each token decoded alone."""
+        return plan_entries([self._piece(token) for token in ids])
+
+    def _piece(self, token: int) -> str:
+        if token not in self._pieces:
+            self._pieces[token] = self.decode_text([token])
+        return self._pieces[token]
 
     # -- sequences ------------------------------------------------------------------------------
     def encode(
@@ -192,6 +205,7 @@ class StreamCodec:
         spans: list[ImageSpan] = []
         latents: list[torch.Tensor] = []
         p = 0
+        text_begin = 0  # where the text since the latest image starts
 
         def push(tok: int, position: int, modality: int, answer: bool):
             ids.append(tok)
@@ -225,11 +239,14 @@ class StreamCodec:
             )
             latents.append(seg.latent)
             push(self.ids.image_start, p, TEXT, answer)
+            if n_q:
+                spans[-1].plan = tuple(self.plan_entries(ids[text_begin:]))
             for _ in range(n_q):
                 push(self.ids.image_pad, p + 1, QUERY, answer)
             for _ in range(n_vis):
                 push(self.ids.image_pad, p + 1, VISION, answer)
             push(self.ids.image_end, p + 2, TEXT, answer)
+            text_begin = len(ids)
             p += 3
         if add_eos:
             push(self.ids.eos, p, TEXT, True)
@@ -382,14 +399,7 @@ def pack_sequences(sequences: Sequence[EncodedSequence], max_length: int, pad_id
             local_ids = image_ids_of(seq)
             image_ids[sl] = torch.where(local_ids >= 0, local_ids + len(latents), -1)
             for span in seq.spans:
-                shifted = ImageSpan(
-                    start=span.start + offset,
-                    num_queries=span.num_queries,
-                    num_vision=span.num_vision,
-                    latent_index=span.latent_index + len(latents),
-                    compression=span.compression,
-                    drop_text=span.drop_text,
-                )
+                shifted = replace(span, start=span.start + offset, latent_index=span.latent_index + len(latents))
                 if span.drop_text:
                     # `<|image_start|>` too: the queries read its keys and values, and in every layer past
                     # the first those carry the text before it.

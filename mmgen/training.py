@@ -27,6 +27,7 @@ from .model import (
     CONDITION_ORDER_PREFIX,
     PATCH_CLASSIFIER_PREFIX,
     PATCH_CONVS_PREFIX,
+    PLAN_PREFIX,
     REFERENCE_PREFIX,
     RESAMPLER_PREFIX,
     UnifiedModel,
@@ -258,9 +259,10 @@ class Trainer:
             # (`python -m mmgen.train_resampler`) rather than carried along stale.
             weights = {k: v for k, v in weights.items() if not k.startswith(RESAMPLER_PREFIX)}
             logger.warning("the learned resampler of %s is left out: retrain it after this run", folder)
-        # Patch convolutions, a patch classifier, a reference input and condition order that a stage adds start at
-        # zero (`PatchConvs`, `ImageModules`, `FlowHead`), and fresh modules start from their initial weights; any other mismatch is an error.
-        added = (PATCH_CONVS_PREFIX, PATCH_CLASSIFIER_PREFIX, REFERENCE_PREFIX, CONDITION_ORDER_PREFIX)
+        # Patch convolutions, a patch classifier, a reference input, condition order and a plan input that a stage
+        # adds start at zero (`PatchConvs`, `ImageModules`, `FlowHead`), and fresh modules start from their initial
+        # weights; any other mismatch is an error.
+        added = (PATCH_CONVS_PREFIX, PATCH_CLASSIFIER_PREFIX, REFERENCE_PREFIX, CONDITION_ORDER_PREFIX, PLAN_PREFIX)
         backbone = repeat_kv_heads(source.backbone.state_dict(), source.backbone.config, model.backbone.config)
         for part, label, saved, may_add in (("backbone", "backbone", backbone, ()),
                                             ("image_modules", "image-module", weights, added)):

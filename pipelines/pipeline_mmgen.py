@@ -164,9 +164,11 @@ class _Row:
     images: int = 0
     image_position: int = 0
     text_states: torch.Tensor | None = None  # the newest states of the text since the row's last image
+    text_ids: list[int] = field(default_factory=list)  # that text's ids, all of them, for a head with a plan input
     image_states: torch.Tensor | None = None  # the states of the row's latest context image
     reference: torch.Tensor | None = None  # that image's latent, for a flow head with a reference input
     condition: torch.Tensor | None = None  # the flow-head condition of the image the row waits to draw
+    plan: torch.Tensor | None = None  # and its plan map (`UnifiedModel.plan_map`; None: none)
     latent: torch.Tensor | None = None
     asking_from: int = 0  # where in text_only_ids the text since the row's last image starts
 
@@ -462,7 +464,8 @@ class MMGenPipeline(DiffusionPipeline):
         hidden = cache.forward(chunks)
         stats.target_forwards += 1
         for row, chunk in zip(rows, chunks):
-            self._keep_text_states(row, hidden[row.index][self._text_since_image(chunk):])
+            since = self._text_since_image(chunk)
+            self._keep_text_states(row, hidden[row.index][since:], chunk.ids[since:])
             self._keep_image_states(row, chunk, hidden[row.index])
         if draft is not None:
             draft.start(len(rows), sampling)
@@ -495,12 +498,12 @@ class MMGenPipeline(DiffusionPipeline):
             chosen = self._choose_tokens(speaking, [hidden[r.index] for r in speaking], drafts, max_images, sampling)
             for row, (tokens, path) in zip(speaking, chosen):
                 if phases[row.index] == FEEDBACK:
-                    row.text_states = None  # the image just appended ends the row's text before the next image
+                    row.text_states, row.text_ids = None, []  # the image just appended ends the row's text
                     self._keep_image_states(row, row.chunk, hidden[row.index])
                 consumed = self._take_tokens(row, tokens)
                 kept = [0, *path[:consumed]]  # where in a TEXT chunk the tokens now in the context sit
                 if phases[row.index] == TEXT:
-                    self._keep_text_states(row, hidden[row.index][kept])
+                    self._keep_text_states(row, hidden[row.index][kept], [row.chunk.ids[k] for k in kept])
                 if row.index in drafts:
                     # Verification: drafted tokens that were not accepted leave the context for good.
                     verified = len(row.chunk) - 1
@@ -517,9 +520,10 @@ class MMGenPipeline(DiffusionPipeline):
                     self._tell_drafter(draft, row.index, row.chunk, hidden[row.index])
             for row in entering:
                 states = hidden[row.index]  # <|image_start|>, then the queries
-                self._keep_text_states(row, states[:1])
+                self._keep_text_states(row, states[:1], row.chunk.ids[:1])
                 row.condition = model.head_condition(states[-model.num_queries:], row.text_states, row.image_states)
-                row.text_states = None
+                row.plan = model.plan_map(row.text_states, self.codec.plan_entries(row.text_ids))
+                row.text_states, row.text_ids = None, []
                 row.phase = DRAW
             # Drawing dominates the cost of a step, so rows that reach an image wait for the rest of the batch:
             # one batched flow-head call per step then serves them all. Waiting changes no row's output.
@@ -715,12 +719,15 @@ class MMGenPipeline(DiffusionPipeline):
         row.next_position += 1
         return chunk
 
-    def _keep_text_states(self, row: _Row, states: torch.Tensor) -> None:
-        """Remember the newest text states of a row, as many as its flow head reads."""
+    def _keep_text_states(self, row: _Row, states: torch.Tensor, ids: list[int]) -> None:
+        """Remember the newest text states of a row, as many as its flow head reads, and, for a head with a plan
+        input, the ids of all its text since its last image: where a plan entry begins may lie further back."""
         limit = self.unified.head_text_tokens
         if limit and len(states):
             kept = states if row.text_states is None else torch.cat([row.text_states, states])
             row.text_states = kept[-limit:]
+        if self.unified.head_plan:
+            row.text_ids.extend(ids)
 
     def _keep_image_states(self, row: _Row, chunk: Chunk, states: torch.Tensor) -> None:
         """Remember the states of the newest image a chunk brings into a row's context, for a flow head that
@@ -849,20 +856,26 @@ class MMGenPipeline(DiffusionPipeline):
         return [g if g is not None else torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
                 for g in generators]
 
-    def head_velocities(self, reference: torch.Tensor | None = None) -> Callable:
+    def head_velocities(self, reference: torch.Tensor | None = None, plan: torch.Tensor | None = None) -> Callable:
         """`denoise`'s default velocity function: one batched flow-head call over all branches.
 
-        `reference` (B, N, token_dim), from `UnifiedModel.reference_patches`, goes to the full branch alone:
-        the guidance branches see no context image, as their training counterparts do."""
+        `reference` (B, N, token_dim), from `UnifiedModel.reference_patches`, and `plan` (B, N, d), from
+        `UnifiedModel.plan_patches`, go to the full branch alone: the guidance branches see no context image and
+        no plan, as their training counterparts do."""
 
-        padded = {}  # branch count -> the references of all branches, built once rather than at every flow step
+        padded = {}  # (input, branch count) -> that input for all branches, built once rather than at every step
+
+        def full_branch_only(name: str, full: torch.Tensor | None, n: int) -> torch.Tensor | None:
+            if full is not None and (name, n) not in padded:
+                padded[name, n] = torch.cat([full, full.new_zeros((n - 1) * len(full), *full.shape[1:])])
+            return padded.get((name, n))
 
         def velocities(x: torch.Tensor, t: torch.Tensor, branches: list) -> list[torch.Tensor]:
             n = len(branches)
             cond, mask = pad_conditions([c for branch in branches for c in branch])
-            if reference is not None and n not in padded:
-                padded[n] = torch.cat([reference, reference.new_zeros((n - 1) * len(reference), *reference.shape[1:])])
-            return list(self.unified.velocity(x.repeat(n, 1, 1), t.repeat(n), cond, mask, padded.get(n)).chunk(n))
+            return list(self.unified.velocity(x.repeat(n, 1, 1), t.repeat(n), cond, mask,
+                                              full_branch_only("reference", reference, n),
+                                              full_branch_only("plan", plan, n)).chunk(n))
 
         return velocities
 
@@ -888,7 +901,8 @@ class MMGenPipeline(DiffusionPipeline):
         generators = ([r.generator for r in rows] if k == 1
                       else [g for r in rows for g in self.candidate_generators(r.generator, k)])
         x = self.initial_noise(generators)
-        velocity_fn = self.head_velocities(self.unified.reference_patches(each([r.reference for r in rows])))
+        velocity_fn = self.head_velocities(self.unified.reference_patches(each([r.reference for r in rows])),
+                                           self.unified.plan_patches(each([r.plan for r in rows])))
         x = self.denoise(x, branches, guidance, num_inference_steps, callback_on_step_end, velocity_fn, generators)
         latents = tokenizer.unpatchify(x)
         if k > 1:
@@ -897,7 +911,7 @@ class MMGenPipeline(DiffusionPipeline):
         self.last_stats.images += len(rows)
         self.last_stats.image_seconds += time.perf_counter() - started
         for row, latent, pil in zip(rows, latents, pixels):
-            row.latent, row.condition = latent, None
+            row.latent, row.condition, row.plan = latent, None, None
             if self.unified.head_reference:
                 row.reference = latent
             row.images += 1

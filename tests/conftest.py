@@ -75,15 +75,16 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
 
 def tiny_image_modules(hidden: int = 32, seed: int = 0, **head_settings) -> ImageModules:
     """Tiny random image modules; `head_settings` are `ImageModules`' settings of what the flow head reads
-    (`head_text_tokens`, `head_image_tokens`, `head_reference`)."""
+    (`head_text_tokens`, `head_image_tokens`, `head_reference`, `head_plan`)."""
     torch.manual_seed(seed)
     modules = ImageModules(backbone_hidden_size=hidden, token_dim=16, grid_size=4, image_size=16, patch_size=2,
                            num_queries=4, head_hidden_size=32, head_layers=2, head_heads=2, **head_settings)
-    # The head's adaLN gates, output projection and reference input start at zero, which would make a random
+    # The head's adaLN gates, output projection, reference and plan inputs start at zero, which would make a random
     # head's velocity zero whatever it reads: small random weights make every input of the head count.
     head = modules.flow_head
     with torch.no_grad():
-        for layer in [block.ada for block in head.blocks] + [head.ada_out, head.out, head.reference_in]:
+        for layer in [block.ada for block in head.blocks] + [head.ada_out, head.out, head.reference_in,
+                                                             head.plan_in]:
             if layer is not None:
                 for weight in layer.parameters():
                     weight.normal_(std=0.05)

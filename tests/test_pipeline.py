@@ -154,6 +154,49 @@ def test_the_flow_head_gets_the_conditions_training_builds(make_pipeline, head_i
             assert not reference[1:].any(), "the guidance branches see no reference"
 
 
+def test_the_flow_head_gets_the_plan_map_training_builds(make_pipeline):
+    """A head with a plan input gets, in the full branch, the plan map teacher-forced training builds for the same
+    text: each entry's states around its cell. The guidance branches get none, nor does a picture whose text
+    holds no plan, and an entry that begins before the text the head reads does not count."""
+    from mmgen.stream import pack_sequences
+
+    cap = 12
+    pipe = make_pipeline("llama", image_scale=50.0, head_text_tokens=cap, head_plan=True)  # draws at once
+    model, codec = pipe.unified, pipe.codec
+    prompt = [Text("draw them. red circle b2, blue square g7.")]
+    given = []
+    velocity = model.velocity
+    model.velocity = lambda *args: given.append(args[5]) or velocity(*args)
+    out = pipe(prompt, max_new_tokens=4, num_inference_steps=2, max_images=2, guidance_scale=3.0,
+               output_type="latent")
+    del model.velocity
+    answer = out.segments[0]
+    assert [isinstance(s, Image) for s in answer[:2]] == [True, True], "the prompt should lead straight to two pictures"
+    first = [plan for plan in given if plan is not None]
+    assert len(first) == 2 and all(plan.shape[0] == 2 for plan in first), "the first picture, one step each"
+    assert all(plan is None for plan in given[2:]), "the second picture's text holds no plan"
+
+    enc = codec.encode([*prompt, Image(latent=answer[0].latent)], [model.image_modules.compressor.num_tokens("none")],
+                       answer_start=1)
+    packed = pack_sequences([enc], max_length=256, pad_id=codec.ids.pad)
+    with torch.no_grad():
+        hidden, _ = model.run_backbone(model.embed(packed.input_ids, packed.spans, packed.latents),
+                                       packed.position_ids, packed.attention_mask)
+    trained = model.training_head_inputs(hidden, packed, *packed.spans[0])[2]
+    for plan in first:
+        torch.testing.assert_close(plan[0], trained, atol=1e-5, rtol=1e-5)
+        assert not plan[1].any(), "the null branch gets no plan"
+    strength = trained.norm(dim=-1).reshape(4, 4)  # the tiny head's 4 x 4 grid: b2 is at its top left, g7 bottom right
+    assert strength[0, 0] > strength[0, 1:].max() and strength[3, 3] > strength[3, :3].max()
+    assert strength[:2, 2:].max() < 0.5 * strength[0, 0], "nothing lands far from both cells"
+    text, entries = hidden[0, : packed.spans[0][1].start + 1], packed.spans[0][1].plan
+    assert len(entries) == 2 and model.plan_map(text, []) is None
+    narrow = make_pipeline("llama", head_text_tokens=6, head_plan=True).unified  # " blue square g7." and the start
+    torch.testing.assert_close(narrow.plan_map(text, entries), narrow.plan_map(text, entries[1:]))
+    with pytest.raises(ValueError, match="head_plan needs head_text_tokens"):
+        make_pipeline("llama", head_plan=True)
+
+
 def test_streaming_yields_segments_in_order(make_pipeline):
     pipe = make_pipeline("llama", image_scale=6.0)
     events = list(pipe.stream("draw.", max_new_tokens=24, num_inference_steps=2, max_images=2,
@@ -381,25 +424,27 @@ def test_the_reference_latent_stays_whole_when_context_images_are_compressed(mak
     torch.testing.assert_close(given[0][0], model.image_tokenizer.patchify(prompt[0].latent[None])[0])
 
 
-def test_a_reference_input_starts_at_zero_and_a_head_without_one_refuses_a_reference():
-    """At zero the reference input changes no velocity, so a stage can add it to a trained head; trained off
-    zero, the reference latent steers the velocity. A head without it names the setting it lacks."""
+@pytest.mark.parametrize("setting,argument,module,width", [("reference_input", "reference", "reference_in", 16),
+                                                            ("plan_input", "plan", "plan_in", 32)])
+def test_a_patch_input_starts_at_zero_and_a_head_without_one_refuses_it(setting, argument, module, width):
+    """At zero a reference or plan input changes no velocity, so a stage can add it to a trained head; trained off
+    zero, what it gives each patch steers the velocity. A head without it names the setting it lacks."""
     from mmgen.flow_head import FlowHead
 
     torch.manual_seed(0)
     head = FlowHead(token_dim=16, grid_size=4, cond_dim=32, hidden_size=32, num_layers=2, num_heads=2,
-                    reference_input=True)
+                    **{setting: True})
     with torch.no_grad():
         for layer in [block.ada for block in head.blocks] + [head.ada_out, head.out]:
             torch.nn.init.normal_(layer.weight, std=0.05)
-        x, t, cond, reference = torch.randn(2, 16, 16), torch.rand(2), torch.randn(2, 3, 32), torch.randn(2, 16, 16)
-        torch.testing.assert_close(head(x, t, cond, reference=reference), head(x, t, cond), atol=0, rtol=0)
-        torch.nn.init.normal_(head.reference_in.weight, std=0.05)
-        assert not torch.allclose(head(x, t, cond, reference=reference), head(x, t, cond))
-        torch.testing.assert_close(head(x, t, cond, reference=torch.zeros_like(x)), head(x, t, cond))
+        x, t, cond, given = torch.randn(2, 16, 16), torch.rand(2), torch.randn(2, 3, 32), torch.randn(2, 16, width)
+        torch.testing.assert_close(head(x, t, cond, **{argument: given}), head(x, t, cond), atol=0, rtol=0)
+        torch.nn.init.normal_(getattr(head, module).weight, std=0.05)
+        assert not torch.allclose(head(x, t, cond, **{argument: given}), head(x, t, cond))
+        torch.testing.assert_close(head(x, t, cond, **{argument: torch.zeros_like(given)}), head(x, t, cond))
         plain = FlowHead(token_dim=16, grid_size=4, cond_dim=32, hidden_size=32, num_layers=2, num_heads=2)
-        with pytest.raises(ValueError, match="reference_input"):
-            plain(x, t, cond, reference=reference)
+        with pytest.raises(ValueError, match=setting):
+            plain(x, t, cond, **{argument: given})
 
 
 def test_condition_order_starts_at_zero_and_then_tells_the_head_which_token_came_first():

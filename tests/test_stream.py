@@ -169,3 +169,44 @@ def test_hugging_face_tokenizers_is_not_shadowed_from_the_repo_root():
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
     assert "site-packages" in out.stdout, out.stdout
+
+
+def test_layout_plan_entries_are_read_back_from_token_pieces():
+    """An entry is a cell followed by ',' or '.', with the words back to the previous punctuation; its tokens are
+    counted back from the end of the text, and its cell becomes the centre of that board square."""
+    from mmgen.layout import PlanEntry, board_cell, plan_entries
+
+    pieces = [" draw", " a", " red", " circle", ".", " red", " circle", " b", "4", ",", " blue", " square", " f", "3",
+              ".", "<|image_start|>"]
+    assert plan_entries(pieces) == [PlanEntry(first=-11, last=-8, x=1.5 / 8, y=3.5 / 8),
+                                    PlanEntry(first=-6, last=-3, x=5.5 / 8, y=2.5 / 8)]
+    assert plan_entries(["red", " circle", " a1", "."]) == [PlanEntry(first=-4, last=-2, x=0.5 / 8, y=0.5 / 8)]
+    for not_a_plan in ([" red", " circle", " b4"], [" b9", "."], [" i1", ","], [" ab4", ","], [" b", "4", "x"]):
+        assert plan_entries(not_a_plan) == [], not_a_plan
+    assert [board_cell(x, y) for x, y in ((0.0, 0.0), (0.99, 0.126), (1.0, 1.0))] == ["a1", "h2", "h8"]
+
+
+def test_a_generated_image_span_carries_the_plan_its_text_wrote():
+    """With the default model's tokenizer, the entries the codec finds before a generated image are the ones
+    written, token for token; a context image, or text after an earlier image, adds none."""
+    from transformers import AutoTokenizer
+
+    from mmgen.config import DEFAULT_MODEL_DIR
+
+    codec = StreamCodec(AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "tokenizer"), num_queries=2)
+    segments = [Text("a red circle b2. draw a red circle left of a blue square."),
+                Text(" red circle b4, blue square f3."), Image(latent=latent(0)),
+                Text(" then a green star g7."), Image(latent=latent(1)), Text(" the end."), Image(latent=latent(2))]
+    encoded = codec.encode(segments, [4, 4, 4], answer_start=1)
+    first, second, third = encoded.spans
+    ids = encoded.input_ids.tolist()
+
+    def written(span):  # -1 is the span's own <|image_start|>
+        return [codec.decode_text(ids[span.start + 1 + e.first: span.start + 2 + e.last]).strip() for e in span.plan]
+
+    assert written(first) == ["a red circle b2", "red circle b4", "blue square f3"]
+    assert [(e.x, e.y) for e in first.plan] == [(1.5 / 8, 1.5 / 8), (1.5 / 8, 3.5 / 8), (5.5 / 8, 2.5 / 8)]
+    assert written(second) == ["then a green star g7"]
+    assert third.plan == ()
+    context = codec.encode(segments[:3], [4])
+    assert context.spans[0].plan == (), "a context image is not drawn: it gets no plan"

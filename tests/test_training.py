@@ -284,15 +284,16 @@ def image_modules_moved(before: Path, after: Path) -> set[str]:
 
 
 def test_a_stage_can_widen_what_the_flow_head_reads_of_a_model_trained_without(tmp_path, vae_dir):
-    """`head_text_tokens` and `head_image_tokens` add no weights, and `head_reference` and `head_condition_order`
-    add projections that start at zero, so a stage starts from a queries-only export and trains the head on all it
-    now reads; the export keeps the settings, and the pipeline draws with them."""
+    """`head_text_tokens` and `head_image_tokens` add no weights, and `head_reference`, `head_condition_order` and
+    `head_plan` add projections that start at zero, so a stage starts from a queries-only export and trains the head
+    on all it now reads; the export keeps the settings, and the pipeline draws with them."""
     export_first_stage(tmp_path, vae_dir, "plain")
     (tmp_path / "b").mkdir()
     second = write_config(tmp_path / "b", vae_dir, max_steps=4, init_from=str(tmp_path / "plain"),
                           export_dir=str(tmp_path / "reading"), head_text_tokens=6, head_image_tokens=4,
-                          head_reference=True, head_condition_order=True,
-                          task_weights={"story": 1.0})  # every drawn picture after the first reads the last one
+                          head_reference=True, head_condition_order=True, head_plan=True, layout_plans=1.0,
+                          # every story picture after the first reads the last one; a drawn picture reads its plan
+                          task_weights={"story": 1.0, "t2i": 1.0})
     rows = Trainer(*parse_config((ModelArguments, TrainArguments), second)).train()
     assert rows and all(math.isfinite(r["flow_loss"]) for r in rows)
     pipe = MMGenPipeline.from_pretrained(tmp_path / "reading")
@@ -301,6 +302,8 @@ def test_a_stage_can_widen_what_the_flow_head_reads_of_a_model_trained_without(t
     assert pipe.model.config.head_reference and pipe.model.flow_head.reference_in.weight.abs().sum() > 0, \
         "the reference input learns off zero from the stories' earlier pictures"
     assert pipe.model.flow_head.cond_order.weight.abs().sum() > 0, "so does the condition order"
+    assert pipe.model.config.head_plan and pipe.model.flow_head.plan_in.weight.abs().sum() > 0, \
+        "and the plan input, from the plans written before the drawn pictures"
     out = pipe("draw a red circle.", max_new_tokens=6, num_inference_steps=2, max_images=2)
     assert out.segments[0], "the pipeline runs with a head that reads text and the last image"
     with pytest.raises(ValueError, match="head_text_tokens"):

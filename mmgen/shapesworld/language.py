@@ -12,6 +12,7 @@ import random
 import re
 from collections.abc import Sequence
 
+from ..layout import board_cell
 from .scene import COLORS, RELATIONS, SHAPES, SIZES, Change, ObjSpec, Scene, SceneSpec, is_clear, relation
 
 COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
@@ -60,14 +61,10 @@ def reference(spec: ObjSpec) -> str:
     return noun_phrase(spec, with_size=spec.size is not None, definite=True)
 
 
-PLAN_COLUMNS = "abcdefgh"
-
-
 def layout_cell(obj) -> str:
-    """The cell of an object's centre on an 8 × 8 board, as on a chess board: column a–h from the left, then
-    row 1–8 from the top ('b3'). Mostly two tokens, and one cell is one patch of the default model's grid."""
-    column, row = (min(int(v * len(PLAN_COLUMNS)), len(PLAN_COLUMNS) - 1) for v in (obj.x, obj.y))
-    return f"{PLAN_COLUMNS[column]}{row + 1}"
+    """The board cell of an object's centre ('b3', `board_cell`): mostly two tokens, and one cell is one patch of
+    the default model's grid."""
+    return board_cell(obj.x, obj.y)
 
 
 def layout_plan(objects: Sequence) -> str:

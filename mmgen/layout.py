@@ -1,0 +1,63 @@
+"""Layout plans: where a picture's objects go, written as text before it.
+
+A plan names each object with the chess-board cell of its centre on an 8 × 8 board: column a–h from the left,
+then row 1–8 from the top ("red circle b4, blue square f3."). The backbone writes the plan; `plan_entries`
+reads it back from the tokens, so that a flow head with a plan input (`FlowHead`, `plan_input`) gets each
+entry's states at its cell: colour and shape arrive together, where the object goes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+BOARD_COLUMNS = "abcdefgh"
+BOARD_SIZE = len(BOARD_COLUMNS)
+
+_CELL = re.compile(rf"(?<=\s)([{BOARD_COLUMNS}])([1-{BOARD_SIZE}])(?=[,.])")
+_BREAK = re.compile(r"[,.;:!?\n]")
+
+
+def board_cell(x: float, y: float) -> str:
+    """The cell of a point (x from the left, y from the top, both in [0, 1]): 'b3'."""
+    column, row = (min(int(v * BOARD_SIZE), BOARD_SIZE - 1) for v in (x, y))
+    return f"{BOARD_COLUMNS[column]}{row + 1}"
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One object of a plan: its tokens, counted back from the end of the text it was read from (-1 is the
+    last token), and the centre of its cell (x from the left, y from the top, in [0, 1])."""
+
+    first: int
+    last: int
+    x: float
+    y: float
+
+
+def plan_entries(pieces: Sequence[str]) -> list[PlanEntry]:
+    """The plan entries in a text given as the strings of its tokens, in order.
+
+    An entry is a cell (a space, a column letter, a row digit, then ',' or '.') and the words before it back to
+    the previous punctuation or the start of the text. Its tokens are those that hold any of its characters."""
+    ends, total = [], 0
+    for piece in pieces:
+        total += len(piece)
+        ends.append(total)
+    text = "".join(pieces)
+
+    def token_at(char: int) -> int:
+        return next(k for k, end in enumerate(ends) if end > char)
+
+    entries = []
+    for match in _CELL.finditer(text):
+        breaks = [b.end() for b in _BREAK.finditer(text, 0, match.start())]
+        begin = breaks[-1] if breaks else 0
+        while text[begin].isspace():
+            begin += 1
+        column, row = BOARD_COLUMNS.index(match.group(1)), int(match.group(2)) - 1
+        entries.append(PlanEntry(first=token_at(begin) - len(pieces), last=token_at(match.end() - 1) - len(pieces),
+                                 x=(column + 0.5) / BOARD_SIZE, y=(row + 0.5) / BOARD_SIZE))
+    return entries
+
