@@ -170,6 +170,11 @@ class TrainArguments:
         metadata={"help": "Share of ShapesWorld text-to-image answers that write a layout plan (each object with its "
                           "colour and cell) before the picture (see ShapesWorld)."},
     )
+    story_plans: float = field(
+        default=0.0,
+        metadata={"help": "Share of ShapesWorld stories that write a layout plan of the whole scene after each step's "
+                          "sentence, before its picture (see ShapesWorld)."},
+    )
     trainable_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Name prefixes of the parameters this stage trains, e.g. [image_modules.flow_head]; the "

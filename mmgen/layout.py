@@ -17,6 +17,8 @@ BOARD_SIZE = len(BOARD_COLUMNS)
 
 _CELL = re.compile(rf"(?<=\s)([{BOARD_COLUMNS}])([1-{BOARD_SIZE}])(?=[,.])")
 _BREAK = re.compile(r"[,.;:!?\n]")
+_ENTRY = rf"[^.,;:!?\n]*\s[{BOARD_COLUMNS}][1-{BOARD_SIZE}]"
+_PLAN_SENTENCE = re.compile(rf"(?:^|(?<=[.?!]))(?:{_ENTRY},)*{_ENTRY}\.")
 
 
 def board_cell(x: float, y: float) -> str:
@@ -61,3 +63,8 @@ def plan_entries(pieces: Sequence[str]) -> list[PlanEntry]:
                                  x=(column + 0.5) / BOARD_SIZE, y=(row + 0.5) / BOARD_SIZE))
     return entries
 
+
+def without_plans(text: str) -> str:
+    """The text without its plan sentences (those whose every comma-separated part ends with a cell), so that a
+    reader of captions and story steps sees only the words around them."""
+    return _PLAN_SENTENCE.sub("", text)

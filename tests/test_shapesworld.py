@@ -385,12 +385,42 @@ def test_layout_plans_name_the_asked_objects_in_the_prompts_order_with_the_cells
     assert lang.layout_cell(Obj("circle", "red", "small", 0.99, 0.126)) == "h2"
 
 
+def test_story_plans_write_the_whole_scene_before_each_picture_and_the_scorer_reads_past_them():
+    """Each step's sentence is followed by the plan of its scene, objects in a fixed order through the story; the
+    pictures and the spec are those of the story without plans, whose sentences the story scorer still finds."""
+    from transformers import AutoTokenizer
+
+    from mmgen.config import DEFAULT_MODEL_DIR
+    from mmgen.evals.shapesbench import GENERATION_LIMITS
+    from mmgen.layout import without_plans
+    from mmgen.shapesworld import score_story
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "tokenizer")
+    planned, plain = ShapesWorld(seed=5, story_plans=1.0), ShapesWorld(seed=5)
+    for i in range(8):
+        for category in ("given", "free"):
+            sample, unplanned = (w.sample_at(i, task="story", category=category) for w in (planned, plain))
+            assert sample.spec == unplanned.spec and len(sample.answer) == len(unplanned.answer)
+            for ours, theirs in zip(sample.answer[1::2], unplanned.answer[1::2]):
+                assert np.array_equal(np.asarray(ours.image), np.asarray(theirs.image))
+            for ours, theirs, scene in zip(sample.answer[::2], unplanned.answer[::2], sample.spec["scenes"]):
+                assert ours.text == f"{theirs.text} {lang.layout_plan([Obj.from_dict(o) for o in scene])}"
+                assert without_plans(ours.text) == theirs.text
+            assert score_story(sample.spec, sample.answer)["consistency"] == 1.0
+            text = "".join(t.text for t in sample.answer[::2])
+            assert len(tokenizer(text)["input_ids"]) < GENERATION_LIMITS["story"][0], "it fits ShapesBench's limit"
+    assert ShapesWorld(seed=5, story_plans=0.0).sample_at(3, task="story").answer[0].text == \
+        plain.sample_at(3, task="story").answer[0].text
+
+
 def test_world_rejects_bad_arguments_with_clear_errors():
     world = ShapesWorld(seed=0)
     with pytest.raises(ValueError, match="ordered_layouts must be a share in"):
         ShapesWorld(seed=0, ordered_layouts=1.5)
     with pytest.raises(ValueError, match="layout_plans must be a share in"):
         ShapesWorld(seed=0, layout_plans=-0.1)
+    with pytest.raises(ValueError, match="story_plans must be a share in"):
+        ShapesWorld(seed=0, story_plans=2)
     with pytest.raises(ValueError, match="unknown task"):
         world.sample(task="video")
     with pytest.raises(ValueError, match="unknown category"):

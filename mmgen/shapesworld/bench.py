@@ -23,6 +23,7 @@ from typing import Any
 
 import PIL.Image
 
+from ..layout import without_plans
 from ..segments import Image, Segment, Text, as_segments
 from .language import normalize_answer, parse_caption, parse_change, parse_object
 from .parser import Detected, find, match_all, read_image, same_object, scene_matches, spec_matches
@@ -259,7 +260,7 @@ def score_story(spec: dict, segments: Any, tol: float = CHANGE_TOL) -> dict:
       steps the prompt asks for, or at least two when it asks for none).
     - consistency: the fraction of steps that are right. Step 1's picture must show the stated start
       scene. Each later picture must equal the previous picture with the step's change applied (read
-      from the spec for given stories, parsed from the answer's own text for free ones).
+      from the spec for given stories, parsed from the answer's own text for free ones, past any layout plan).
     """
     _check_spec(spec, "story")
     pairs, layout = _story_pairs(as_segments(list(segments)))
@@ -278,12 +279,12 @@ def score_story(spec: dict, segments: Any, tol: float = CHANGE_TOL) -> dict:
             ok = spec_matches(detected, start, exact=True)
             if ok and free:
                 try:
-                    ok = spec_matches(detected, parse_caption(text), exact=True)
+                    ok = spec_matches(detected, parse_caption(without_plans(text)), exact=True)
                 except ValueError:
                     ok = False
         else:
             try:
-                change = parse_change(text) if free else Change.from_dict(spec["changes"][k - 1])
+                change = parse_change(without_plans(text)) if free else Change.from_dict(spec["changes"][k - 1])
                 ok = change_holds(previous, change, detected, tol)
             except ValueError:
                 ok = False

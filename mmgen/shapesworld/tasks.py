@@ -93,19 +93,27 @@ class ShapesWorld:
     (`language.layout_plan`). The plan turns a relation ("left of") and the binding of colours to shapes into
     text, which the backbone writes well, and hands the flow head each object's place as tokens next to its
     name. At 0 (ShapesBench) the samples are unchanged.
+
+    `story_plans` is the share of stories that write a plan after each step's sentence, before its picture: every
+    object of the scene, in a fixed order through the story. A step then changes one entry of the plan before it
+    and copies the rest, which a language model does well, and a flow head with a plan input draws each object
+    where the plan keeps it. At 0 (ShapesBench) the samples are unchanged.
     """
 
-    def __init__(self, seed: int, size: int = 64, ordered_layouts: float = 0.0, layout_plans: float = 0.0):
+    def __init__(self, seed: int, size: int = 64, ordered_layouts: float = 0.0, layout_plans: float = 0.0,
+                 story_plans: float = 0.0):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(size, int) or size < 16:
             raise ValueError(f"size must be an int >= 16, got {size!r}")
         self.check_share("ordered_layouts", ordered_layouts)
         self.check_share("layout_plans", layout_plans)
+        self.check_share("story_plans", story_plans)
         self.seed = seed
         self.size = size
         self.ordered_layouts = float(ordered_layouts)
         self.layout_plans = float(layout_plans)
+        self.story_plans = float(story_plans)
         self._next = 0
 
     # -- public API -------------------------------------------------------------------------
@@ -387,9 +395,11 @@ class ShapesWorld:
             else:
                 prompt = f"tell a story in {lang.count_word(n_steps)} pictures about {about}."
             start = SceneSpec(tuple(ObjSpec(o.shape, o.color) for o in scenes[0].objects))
+        planned = self.story_plans > 0 and rng.random() < self.story_plans
         answer: list[Segment] = []
         for text, scene in zip(texts, scenes):
-            answer += [_spaced(text), self._image(scene)]
+            plan = " " + lang.layout_plan(scene.objects) if planned else ""
+            answer += [_spaced(text + plan), self._image(scene)]
         spec = {
             "task": "story",
             "category": category,
