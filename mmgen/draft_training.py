@@ -295,8 +295,8 @@ def fit(module: torch.nn.Module, batch_loss, traces: list[TargetTrace], args: Dr
             bar.set_postfix(loss=f"{loss.item():.3f}", **postfix)
             logger.info("%s step %d loss %.4f %s", desc, step, loss.item(), json.dumps(postfix))
         if checkpoint is not None and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            save_atomically(lambda tmp: save_fit_state(tmp, key, step + 1, module, optimizer, schedule, rng,
-                                                       generator), checkpoint)
+            save_atomically(lambda tmp, done=step + 1: save_fit_state(tmp, key, done, module, optimizer, schedule,
+                                                                      rng, generator), checkpoint)
     return module.eval().requires_grad_(False)
 
 

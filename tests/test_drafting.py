@@ -22,8 +22,8 @@ from mmgen.draft_training import (
     generate_traces,
     head_batch_loss,
     measure_tau,
-    train_drafter,
     train_draft_lm,
+    train_drafter,
     train_head,
 )
 from mmgen.drafting import (
