@@ -167,6 +167,15 @@ class FlowHead(ModelMixin, ConfigMixin):
         return self.out(modulate(self.norm_out(h[:, cond.shape[1]:]), shift, scale))
 
 
+def stack_with_zeros(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Per-image inputs of one shape stacked into a batch, zeros for an image without one; None when no image
+    has one (the head then skips that input)."""
+    if all(t is None for t in tensors):
+        return None
+    like = next(t for t in tensors if t is not None)
+    return torch.stack([like.new_zeros(like.shape) if t is None else t for t in tensors])
+
+
 def pad_conditions(conditions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Conditions (C_i, d) of several images → one batch (B, C, d) and its mask (B, C) of real tokens, or
     None when all have the same length (then nothing is padded)."""

@@ -8,6 +8,8 @@ entry's states at its cell: colour and shape arrive together, where the object g
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,19 +45,16 @@ def plan_entries(pieces: Sequence[str]) -> list[PlanEntry]:
 
     An entry is a cell (a space, a column letter, a row digit, then ',' or '.') and the words before it back to
     the previous punctuation or the start of the text. Its tokens are those that hold any of its characters."""
-    ends, total = [], 0
-    for piece in pieces:
-        total += len(piece)
-        ends.append(total)
+    ends = list(itertools.accumulate(len(piece) for piece in pieces))
     text = "".join(pieces)
+    breaks = [0] + [b.end() for b in _BREAK.finditer(text)]
 
     def token_at(char: int) -> int:
-        return next(k for k, end in enumerate(ends) if end > char)
+        return bisect.bisect_right(ends, char)
 
     entries = []
     for match in _CELL.finditer(text):
-        breaks = [b.end() for b in _BREAK.finditer(text, 0, match.start())]
-        begin = breaks[-1] if breaks else 0
+        begin = breaks[bisect.bisect_right(breaks, match.start()) - 1]
         while text[begin].isspace():
             begin += 1
         column, row = BOARD_COLUMNS.index(match.group(1)), int(match.group(2)) - 1

@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention_scores import received_attention
 from .compression import CompressionSpec, VisualCompressor
-from .flow_head import FlowHead, grid_sincos, pad_conditions, square_grid
+from .flow_head import FlowHead, grid_sincos, pad_conditions, square_grid, stack_with_zeros
 from .layout import PlanEntry
 from .stream import IGNORE_INDEX, ImageSpan, PackedBatch
 
@@ -340,10 +340,9 @@ class UnifiedModel(nn.Module):
     def reference_patches(self, latents: list[torch.Tensor | None]) -> torch.Tensor | None:
         """The flow head's reference input for a batch of images, from each one's reference latent (C, H, W)
         (None: it has none, given as zeros); None when the head has no reference input or no image has one."""
-        if not self.head_reference or all(latent is None for latent in latents):
+        stacked = stack_with_zeros(latents) if self.head_reference else None
+        if stacked is None:
             return None
-        like = next(latent for latent in latents if latent is not None)
-        stacked = torch.stack([like.new_zeros(like.shape) if latent is None else latent for latent in latents])
         return self.image_tokenizer.patchify(stacked.to(self.device)).to(self.image_modules.queries.dtype)
 
     def plan_map(self, text_states: torch.Tensor | None, entries: Sequence[PlanEntry]) -> torch.Tensor | None:
@@ -366,14 +365,6 @@ class UnifiedModel(nn.Module):
         distances = (self.image_modules.grid[None] - centres[:, None]).pow(2).sum(-1)  # (entries, N), in patches²
         weights = torch.exp(-distances / (2 * PLAN_SPREAD**2))
         return (weights.T @ vectors).to(text_states.dtype)
-
-    def plan_patches(self, maps: list[torch.Tensor | None]) -> torch.Tensor | None:
-        """The flow head's plan input for a batch of images (B, N, d), from each one's `plan_map` (None: zeros);
-        None when no image has one."""
-        if all(m is None for m in maps):
-            return None
-        like = next(m for m in maps if m is not None)
-        return torch.stack([like.new_zeros(like.shape) if m is None else m for m in maps])
 
     def head_condition(self, query_states: torch.Tensor, text_states: torch.Tensor | None,
                        image_states: torch.Tensor | None = None) -> torch.Tensor:
@@ -449,7 +440,7 @@ class UnifiedModel(nn.Module):
             reference = self.reference_patches([latent for _, latent, _ in inputs])
             if reference is not None:
                 reference = reference.repeat(flow_repeats, 1, 1)
-            plan = self.plan_patches([plan for _, _, plan in inputs])
+            plan = stack_with_zeros([plan for _, _, plan in inputs])
             if plan is not None:
                 plan = plan.repeat(flow_repeats, 1, 1)
             cond = cond.repeat(flow_repeats, 1, 1)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from mmgen import drafting
 from mmgen.compression import CompressionSpec
 from mmgen.config import DEFAULT_MODEL_DIR
-from mmgen.flow_head import pad_conditions
+from mmgen.flow_head import pad_conditions, stack_with_zeros
 from mmgen.image_tokenizer import ImageTokenizer
 from mmgen.loading import check_pipeline_folder
 from mmgen.model import ImageModules, UnifiedModel
@@ -164,7 +164,6 @@ class _Row:
     images: int = 0
     image_position: int = 0
     text_states: torch.Tensor | None = None  # the newest states of the text since the row's last image
-    text_ids: list[int] = field(default_factory=list)  # that text's ids, all of them, for a head with a plan input
     image_states: torch.Tensor | None = None  # the states of the row's latest context image
     reference: torch.Tensor | None = None  # that image's latent, for a flow head with a reference input
     condition: torch.Tensor | None = None  # the flow-head condition of the image the row waits to draw
@@ -464,8 +463,7 @@ class MMGenPipeline(DiffusionPipeline):
         hidden = cache.forward(chunks)
         stats.target_forwards += 1
         for row, chunk in zip(rows, chunks):
-            since = self._text_since_image(chunk)
-            self._keep_text_states(row, hidden[row.index][since:], chunk.ids[since:])
+            self._keep_text_states(row, hidden[row.index][self._text_since_image(chunk):])
             self._keep_image_states(row, chunk, hidden[row.index])
         if draft is not None:
             draft.start(len(rows), sampling)
@@ -498,12 +496,12 @@ class MMGenPipeline(DiffusionPipeline):
             chosen = self._choose_tokens(speaking, [hidden[r.index] for r in speaking], drafts, max_images, sampling)
             for row, (tokens, path) in zip(speaking, chosen):
                 if phases[row.index] == FEEDBACK:
-                    row.text_states, row.text_ids = None, []  # the image just appended ends the row's text
+                    row.text_states = None  # the image just appended ends the row's text before the next image
                     self._keep_image_states(row, row.chunk, hidden[row.index])
                 consumed = self._take_tokens(row, tokens)
                 kept = [0, *path[:consumed]]  # where in a TEXT chunk the tokens now in the context sit
                 if phases[row.index] == TEXT:
-                    self._keep_text_states(row, hidden[row.index][kept], [row.chunk.ids[k] for k in kept])
+                    self._keep_text_states(row, hidden[row.index][kept])
                 if row.index in drafts:
                     # Verification: drafted tokens that were not accepted leave the context for good.
                     verified = len(row.chunk) - 1
@@ -520,10 +518,12 @@ class MMGenPipeline(DiffusionPipeline):
                     self._tell_drafter(draft, row.index, row.chunk, hidden[row.index])
             for row in entering:
                 states = hidden[row.index]  # <|image_start|>, then the queries
-                self._keep_text_states(row, states[:1], row.chunk.ids[:1])
+                self._keep_text_states(row, states[:1])
                 row.condition = model.head_condition(states[-model.num_queries:], row.text_states, row.image_states)
-                row.plan = model.plan_map(row.text_states, self.codec.plan_entries(row.text_ids))
-                row.text_states, row.text_ids = None, []
+                if model.head_plan:  # read from the text since the row's last image, through its <|image_start|>
+                    since = row.text_only_ids[row.asking_from:] + [self.codec.ids.image_start]
+                    row.plan = model.plan_map(row.text_states, self.codec.plan_entries(since))
+                row.text_states = None
                 row.phase = DRAW
             # Drawing dominates the cost of a step, so rows that reach an image wait for the rest of the batch:
             # one batched flow-head call per step then serves them all. Waiting changes no row's output.
@@ -719,15 +719,12 @@ class MMGenPipeline(DiffusionPipeline):
         row.next_position += 1
         return chunk
 
-    def _keep_text_states(self, row: _Row, states: torch.Tensor, ids: list[int]) -> None:
-        """Remember the newest text states of a row, as many as its flow head reads, and, for a head with a plan
-        input, the ids of all its text since its last image: where a plan entry begins may lie further back."""
+    def _keep_text_states(self, row: _Row, states: torch.Tensor) -> None:
+        """Remember the newest text states of a row, as many as its flow head reads."""
         limit = self.unified.head_text_tokens
         if limit and len(states):
             kept = states if row.text_states is None else torch.cat([row.text_states, states])
             row.text_states = kept[-limit:]
-        if self.unified.head_plan:
-            row.text_ids.extend(ids)
 
     def _keep_image_states(self, row: _Row, chunk: Chunk, states: torch.Tensor) -> None:
         """Remember the states of the newest image a chunk brings into a row's context, for a flow head that
@@ -859,8 +856,8 @@ class MMGenPipeline(DiffusionPipeline):
     def head_velocities(self, reference: torch.Tensor | None = None, plan: torch.Tensor | None = None) -> Callable:
         """`denoise`'s default velocity function: one batched flow-head call over all branches.
 
-        `reference` (B, N, token_dim), from `UnifiedModel.reference_patches`, and `plan` (B, N, d), from
-        `UnifiedModel.plan_patches`, go to the full branch alone: the guidance branches see no context image and
+        `reference` (B, N, token_dim), from `UnifiedModel.reference_patches`, and `plan` (B, N, d), the rows'
+        `UnifiedModel.plan_map`s, go to the full branch alone: the guidance branches see no context image and
         no plan, as their training counterparts do."""
 
         padded = {}  # (input, branch count) -> that input for all branches, built once rather than at every step
@@ -902,7 +899,7 @@ class MMGenPipeline(DiffusionPipeline):
                       else [g for r in rows for g in self.candidate_generators(r.generator, k)])
         x = self.initial_noise(generators)
         velocity_fn = self.head_velocities(self.unified.reference_patches(each([r.reference for r in rows])),
-                                           self.unified.plan_patches(each([r.plan for r in rows])))
+                                           stack_with_zeros(each([r.plan for r in rows])))
         x = self.denoise(x, branches, guidance, num_inference_steps, callback_on_step_end, velocity_fn, generators)
         latents = tokenizer.unpatchify(x)
         if k > 1:
