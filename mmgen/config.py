@@ -187,6 +187,13 @@ class TrainArguments:
                           "init_from, e.g. [image_modules.flow_head] for a new flow head, of another size too, on "
                           "an exported backbone."},
     )
+    fresh_tokens: list[str] | None = field(
+        default=None,
+        metadata={"help": "Texts whose tokens' input embeddings start this stage drawn afresh, from the mean and "
+                          "covariance of the embeddings of the other tokens in the stage's first batch, e.g. the "
+                          "cell names a layout plan brings in. A token no earlier stage saw has an embedding that "
+                          "weight decay shrank towards zero, which the layers barely tell apart. Needs init_from."},
+    )
     init_from: str | None = field(
         default=None,
         metadata={"help": "A saved pipeline folder whose weights (and step) a run starts from when it has no "

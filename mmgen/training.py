@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
 from tqdm.auto import tqdm
 
 from .config import ModelArguments, TrainArguments
@@ -34,7 +34,7 @@ from .model import (
     cosine_with_warmup,
 )
 from .model_card import BENCH, EXTRAS, RESAMPLER_RECIPE, write_model_card
-from .stream import StreamCodec
+from .stream import TEXT, StreamCodec
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,18 @@ def repeat_kv_heads(weights: dict, saved_config, config) -> dict:
     return out
 
 
+def draw_like(rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` vectors with the mean and covariance of `rows`, as added tokens are given embeddings.
+
+    Mixing the centred rows with standard normal weights gives that covariance exactly, even when there are
+    fewer rows than dimensions.
+    """
+    rows = rows.double()
+    mean = rows.mean(0)
+    weights = torch.randn(count, len(rows), generator=generator, dtype=torch.float64)
+    return mean + weights @ (rows - mean) / (len(rows) - 1) ** 0.5
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The last complete checkpoint. A crash between the two renames of `save` leaves only `.old`."""
     for name in (CHECKPOINT, CHECKPOINT + ".old"):
@@ -168,6 +180,9 @@ class Trainer:
                 raise ValueError("fresh_modules starts some modules afresh beside the weights of init_from; "
                                  "set init_from, or leave fresh_modules out to start all of them afresh")
             check_module_names(model, "fresh_modules", args.fresh_modules)
+        if args.fresh_tokens and not args.init_from:
+            raise ValueError("fresh_tokens draws some token embeddings afresh beside the weights of init_from; "
+                             "set init_from, or leave fresh_tokens out")
         self.codec = StreamCodec(self.tokenizer, model.num_queries)
         builder = BatchBuilder(self.codec, model.image_tokenizer, model.image_modules.compressor, args)
         rank = self.accelerator.process_index
@@ -277,6 +292,8 @@ class Trainer:
                 logger.info("%s has no %s: they start at zero", folder, ", ".join(new))
         if fresh:
             logger.info("%s start from their initial weights, not from %s", ", ".join(fresh), folder)
+        if self.args.fresh_tokens:
+            self.draw_fresh_tokens()
         state = Path(folder) / "training_state.json"
         self.step = json.loads(state.read_text())["step"] if state.is_file() else 0
         if self.step:
@@ -288,6 +305,30 @@ class Trainer:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 schedule.step()
         logger.info("initialised from %s at step %d", folder, self.step)
+
+    def draw_fresh_tokens(self) -> None:
+        """Draw the input embeddings of `fresh_tokens` like those of the tokens the stage's first batch uses."""
+        fresh = set()
+        for text in self.args.fresh_tokens:
+            ids = self.codec.text_ids(text)
+            if not ids:
+                raise ValueError(f"fresh_tokens holds {text!r}, which has no tokens")
+            fresh.update(ids)
+        batch = self.data.batch(self.step)
+        used = set(batch.input_ids[batch.modality == TEXT].tolist())
+        reference = sorted(used - fresh - set(self.tokenizer.all_special_ids))
+        if len(reference) < 2:
+            raise ValueError("fresh_tokens needs at least two other text tokens in the stage's first batch to draw "
+                             f"their embeddings like; it has {len(reference)}")
+        fresh = sorted(fresh)
+        weight = self.unwrapped.backbone.get_input_embeddings().weight
+        generator = torch.Generator().manual_seed(self.args.seed)
+        with torch.no_grad():
+            before = weight[fresh].norm(dim=-1).mean().item()
+            drawn = draw_like(weight[reference], len(fresh), generator).to(weight)
+            weight[fresh] = broadcast(drawn)  # each process saw its own batch; all take the main one's draw
+        logger.info("drew the embeddings of %d fresh tokens like those of %d tokens in use (mean norm %.3f, now %.3f)",
+                    len(fresh), len(reference), before, weight[fresh].norm(dim=-1).mean().item())
 
     # -- loop -----------------------------------------------------------------------------------
     def train_step(self) -> dict:

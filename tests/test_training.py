@@ -22,7 +22,7 @@ from mmgen.model import RESAMPLER_PREFIX, cosine_with_warmup
 from mmgen.model_card import write_model_card
 from mmgen.pipelines import MMGenPipeline
 from mmgen.train_resampler import with_resampler
-from mmgen.training import Trainer
+from mmgen.training import Trainer, draw_like
 
 from .conftest import TOKENIZER_DIR, tiny_backbone, tiny_vae
 
@@ -369,6 +369,42 @@ def test_a_stage_can_start_a_new_flow_head_of_another_size_on_an_exported_backbo
     with pytest.raises(ValueError, match="fresh_modules .* set init_from"):
         Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
             tmp_path, vae_dir, fresh_modules=["image_modules.flow_head"])))
+
+
+def test_draw_like_matches_the_mean_and_covariance_of_fewer_rows_than_dimensions():
+    rows = torch.randn(5, 8) * torch.linspace(0.5, 2.0, 8) + 3.0
+    drawn = draw_like(rows, 200_000, torch.Generator().manual_seed(0))
+    assert drawn.shape == (200_000, 8)
+    assert torch.allclose(drawn.mean(0), rows.double().mean(0), atol=0.03)
+    assert torch.allclose(torch.cov(drawn.T), torch.cov(rows.double().T), atol=0.06)
+
+
+def test_fresh_tokens_start_a_stage_at_the_scale_of_the_tokens_in_use(tmp_path, vae_dir):
+    """Tokens a first stage never saw are shrunk here, as weight decay shrinks them over a long run; a stage with
+    `fresh_tokens` draws them again like the embeddings of the tokens its batches use, and leaves the rest."""
+    export = export_first_stage(tmp_path, vae_dir, "plain")
+    pipe = MMGenPipeline.from_pretrained(export)
+    fresh = sorted(set(pipe.codec.text_ids(" e") + pipe.codec.text_ids("7")))
+    with torch.no_grad():
+        pipe.backbone.get_input_embeddings().weight[fresh] *= 0.01
+    pipe.save_pretrained(export)
+    shrunk = pipe.backbone.get_input_embeddings().weight.detach().clone()
+
+    trainer = next_stage(tmp_path, vae_dir, "plain", max_steps=3, fresh_tokens=[" e", "7"])
+    trainer.resume()
+    after = trainer.unwrapped.backbone.get_input_embeddings().weight.detach()
+    others = torch.ones(len(after), dtype=torch.bool)
+    others[fresh] = False
+    assert torch.equal(after[others], shrunk[others])
+    in_use = after[[i for i in set(trainer.data.batch(0).input_ids.flatten().tolist()) if i not in fresh]]
+    scale = in_use.norm(dim=-1).mean()
+    assert 0.5 * scale < after[fresh].norm(dim=-1).mean() < 2 * scale
+    assert (shrunk[fresh].norm(dim=-1) < 0.05 * scale).all()
+
+    with pytest.raises(ValueError, match="fresh_tokens holds '', which has no tokens"):
+        next_stage(tmp_path / "b", vae_dir, "../plain", fresh_tokens=[""]).resume()
+    with pytest.raises(ValueError, match="fresh_tokens .* set init_from"):
+        Trainer(*parse_config((ModelArguments, TrainArguments), write_config(tmp_path, vae_dir, fresh_tokens=["7"])))
 
 
 def test_a_stage_can_add_patch_convolutions_to_a_model_trained_without(tmp_path, vae_dir):
