@@ -189,10 +189,11 @@ class TrainArguments:
     )
     fresh_tokens: list[str] | None = field(
         default=None,
-        metadata={"help": "Texts whose tokens' input embeddings start this stage drawn afresh, from the mean and "
-                          "covariance of the embeddings of the other tokens in the stage's first batch, e.g. the "
-                          "cell names a layout plan brings in. A token no earlier stage saw has an embedding that "
-                          "weight decay shrank towards zero, which the layers barely tell apart. Needs init_from."},
+        metadata={"help": "Texts whose tokens' input and output embeddings start this stage drawn afresh, from the "
+                          "mean and covariance of those of the other tokens in the stage's first batch, as added "
+                          "tokens are initialised; e.g. the cell names a layout plan brings in. A token no earlier "
+                          "stage saw has its embeddings shrunk or pushed together, which is slow to undo. Needs "
+                          "init_from."},
     )
     init_from: str | None = field(
         default=None,

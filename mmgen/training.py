@@ -307,7 +307,9 @@ class Trainer:
         logger.info("initialised from %s at step %d", folder, self.step)
 
     def draw_fresh_tokens(self) -> None:
-        """Draw the input embeddings of `fresh_tokens` like those of the tokens the stage's first batch uses."""
+        """Draw the input and output embeddings of `fresh_tokens` like those of the tokens the stage's first batch
+        uses. A token no earlier stage saw has an input embedding shrunk by weight decay, and an LM-head row that
+        every step pushed down alike: all such rows end up one vector, so the head cannot tell them apart."""
         fresh = set()
         for text in self.args.fresh_tokens:
             ids = self.codec.text_ids(text)
@@ -321,14 +323,15 @@ class Trainer:
             raise ValueError("fresh_tokens needs at least two other text tokens in the stage's first batch to draw "
                              f"their embeddings like; it has {len(reference)}")
         fresh = sorted(fresh)
-        weight = self.unwrapped.backbone.get_input_embeddings().weight
+        backbone = self.unwrapped.backbone
+        tables = {id(w): w for w in (backbone.get_input_embeddings().weight, backbone.get_output_embeddings().weight)}
         generator = torch.Generator().manual_seed(self.args.seed)
         with torch.no_grad():
-            before = weight[fresh].norm(dim=-1).mean().item()
-            drawn = draw_like(weight[reference], len(fresh), generator).to(weight)
-            weight[fresh] = broadcast(drawn)  # each process saw its own batch; all take the main one's draw
-        logger.info("drew the embeddings of %d fresh tokens like those of %d tokens in use (mean norm %.3f, now %.3f)",
-                    len(fresh), len(reference), before, weight[fresh].norm(dim=-1).mean().item())
+            for weight in tables.values():  # one table when the embeddings are tied
+                drawn = draw_like(weight[reference], len(fresh), generator).to(weight)
+                weight[fresh] = broadcast(drawn)  # each process saw its own batch; all take the main one's draw
+        logger.info("drew the embeddings of %d fresh tokens like those of %d tokens in use", len(fresh),
+                    len(reference))
 
     # -- loop -----------------------------------------------------------------------------------
     def train_step(self) -> dict:

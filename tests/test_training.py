@@ -379,27 +379,36 @@ def test_draw_like_matches_the_mean_and_covariance_of_fewer_rows_than_dimensions
     assert torch.allclose(torch.cov(drawn.T), torch.cov(rows.double().T), atol=0.06)
 
 
-def test_fresh_tokens_start_a_stage_at_the_scale_of_the_tokens_in_use(tmp_path, vae_dir):
-    """Tokens a first stage never saw are shrunk here, as weight decay shrinks them over a long run; a stage with
-    `fresh_tokens` draws them again like the embeddings of the tokens its batches use, and leaves the rest."""
+def test_fresh_tokens_start_a_stage_with_embeddings_like_those_of_the_tokens_in_use(tmp_path, vae_dir):
+    """What a long run leaves of tokens it never saw is made here: input embeddings shrunk by weight decay, and
+    LM-head rows pushed down alike into one vector. A stage with `fresh_tokens` draws both again like the
+    embeddings of the tokens its batches use, so the head can tell the new tokens apart, and leaves the rest."""
     export = export_first_stage(tmp_path, vae_dir, "plain")
     pipe = MMGenPipeline.from_pretrained(export)
     fresh = sorted(set(pipe.codec.text_ids(" e") + pipe.codec.text_ids("7")))
+    inputs, outputs = pipe.backbone.get_input_embeddings().weight, pipe.backbone.get_output_embeddings().weight
     with torch.no_grad():
-        pipe.backbone.get_input_embeddings().weight[fresh] *= 0.01
+        inputs[fresh] *= 0.01
+        outputs[fresh] = outputs[fresh].mean(0)
     pipe.save_pretrained(export)
-    shrunk = pipe.backbone.get_input_embeddings().weight.detach().clone()
+    before = [inputs.detach().clone(), outputs.detach().clone()]
 
     trainer = next_stage(tmp_path, vae_dir, "plain", max_steps=3, fresh_tokens=[" e", "7"])
     trainer.resume()
-    after = trainer.unwrapped.backbone.get_input_embeddings().weight.detach()
-    others = torch.ones(len(after), dtype=torch.bool)
+    backbone = trainer.unwrapped.backbone
+    in_use = [i for i in set(trainer.data.batch(0).input_ids.flatten().tolist()) if i not in fresh]
+    others = torch.ones(len(inputs), dtype=torch.bool)
     others[fresh] = False
-    assert torch.equal(after[others], shrunk[others])
-    in_use = after[[i for i in set(trainer.data.batch(0).input_ids.flatten().tolist()) if i not in fresh]]
-    scale = in_use.norm(dim=-1).mean()
-    assert 0.5 * scale < after[fresh].norm(dim=-1).mean() < 2 * scale
-    assert (shrunk[fresh].norm(dim=-1) < 0.05 * scale).all()
+    scales = []
+    for table, old in zip((backbone.get_input_embeddings().weight, backbone.get_output_embeddings().weight), before):
+        after = table.detach()
+        assert torch.equal(after[others], old[others])
+        centred = after[fresh] - after[fresh].mean(0)
+        spread = (after[in_use] - after[in_use].mean(0)).norm(dim=-1).mean()
+        assert 0.3 * spread < centred.norm(dim=-1).mean() < 3 * spread
+        scales.append(after[in_use].norm(dim=-1).mean())
+        assert 0.5 * scales[-1] < after[fresh].norm(dim=-1).mean() < 2 * scales[-1]
+    assert (before[0][fresh].norm(dim=-1) < 0.05 * scales[0]).all() and (before[1][fresh] == before[1][fresh[0]]).all()
 
     with pytest.raises(ValueError, match="fresh_tokens holds '', which has no tokens"):
         next_stage(tmp_path / "b", vae_dir, "../plain", fresh_tokens=[""]).resume()
