@@ -190,7 +190,7 @@ class TrainArguments:
     fresh_tokens: list[str] | None = field(
         default=None,
         metadata={"help": "Texts whose tokens' input and output embeddings start this stage drawn afresh, from the "
-                          "mean and covariance of those of the other tokens in the stage's first batch, as added "
+                          "mean and covariance of those of the other tokens in the data's first batch, as added "
                           "tokens are initialised; e.g. the cell names a layout plan brings in. A token no earlier "
                           "stage saw has its embeddings shrunk or pushed together, which is slow to undo. Needs "
                           "init_from."},

@@ -307,7 +307,7 @@ class Trainer:
         logger.info("initialised from %s at step %d", folder, self.step)
 
     def draw_fresh_tokens(self) -> None:
-        """Draw the input and output embeddings of `fresh_tokens` like those of the tokens the stage's first batch
+        """Draw the input and output embeddings of `fresh_tokens` like those of the tokens the data's first batch
         uses. A token no earlier stage saw has an input embedding shrunk by weight decay, and an LM-head row that
         every step pushed down alike: all such rows end up one vector, so the head cannot tell them apart."""
         fresh = set()
@@ -316,11 +316,11 @@ class Trainer:
             if not ids:
                 raise ValueError(f"fresh_tokens holds {text!r}, which has no tokens")
             fresh.update(ids)
-        batch = self.data.batch(self.step)
+        batch = self.data.batch(0)
         used = set(batch.input_ids[batch.modality == TEXT].tolist())
         reference = sorted(used - fresh - set(self.tokenizer.all_special_ids))
         if len(reference) < 2:
-            raise ValueError("fresh_tokens needs at least two other text tokens in the stage's first batch to draw "
+            raise ValueError("fresh_tokens needs at least two other text tokens in the data's first batch to draw "
                              f"their embeddings like; it has {len(reference)}")
         fresh = sorted(fresh)
         backbone = self.unwrapped.backbone
