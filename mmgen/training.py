@@ -175,14 +175,12 @@ class Trainer:
             check_patch_labels(model, args)
         if args.trainable_modules:
             freeze_all_but(model, args.trainable_modules)
+        for setting, what in (("fresh_modules", "some modules"), ("fresh_tokens", "some token embeddings")):
+            if getattr(args, setting) and not args.init_from:
+                raise ValueError(f"{setting} starts {what} afresh beside the weights of init_from; set init_from, "
+                                 f"or leave {setting} out")
         if args.fresh_modules:
-            if not args.init_from:
-                raise ValueError("fresh_modules starts some modules afresh beside the weights of init_from; "
-                                 "set init_from, or leave fresh_modules out to start all of them afresh")
             check_module_names(model, "fresh_modules", args.fresh_modules)
-        if args.fresh_tokens and not args.init_from:
-            raise ValueError("fresh_tokens draws some token embeddings afresh beside the weights of init_from; "
-                             "set init_from, or leave fresh_tokens out")
         self.codec = StreamCodec(self.tokenizer, model.num_queries)
         builder = BatchBuilder(self.codec, model.image_tokenizer, model.image_modules.compressor, args)
         rank = self.accelerator.process_index
