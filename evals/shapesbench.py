@@ -31,6 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmgen.cli import add_guidance_options, guidance_options
+from mmgen.config import DEFAULT_MODEL_DIR
+from mmgen.model_card import STATE, record_shapesbench
 from mmgen.segments import Image, Segment, Text, as_segments
 from mmgen.shapesworld import TASKS, Sample, bench_samples, score
 from mmgen.shapesworld.bench import ANSWER_TYPES
@@ -417,7 +419,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compression", default=None, help="compression of context images (default: none)")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--save-to-model", action="store_true",
+                        help="keep the summary in the model folder (shapesbench.json) and show it in its model card; "
+                             "for a run of every category with the default generation settings in float32")
     return parser
+
+
+def _check_card_run(model_dir: Path, categories: list[str] | None, generation: Mapping[str, Any], dtype: str) -> None:
+    """A model card's table claims every category with the default steps and guidance: refuse, before the
+    run, to put anything else there."""
+    if not (model_dir / STATE).is_file():
+        raise ValueError(f"--save-to-model: {model_dir} has no {STATE}: it is not a folder `mmgen train` exported")
+    if categories is not None and resolve_categories(categories) != resolve_categories(None):
+        raise ValueError("--save-to-model needs every category: leave out --categories")
+    if generation or dtype != "float32":
+        raise ValueError("--save-to-model needs the default generation settings in float32: leave out "
+                         "--steps, the guidance options, --image-candidates, --compression and --dtype")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         generation["compression"] = args.compression
     try:
         resolve_categories(categories)  # a typo fails before the model loads
+        model_dir = DEFAULT_MODEL_DIR if args.model == "default" else Path(args.model)
+        if args.save_to_model:
+            _check_card_run(model_dir, categories, generation, args.dtype)
         from mmgen.pipelines import MMGenPipeline
 
         pipe = MMGenPipeline.from_pretrained(None if args.model == "default" else args.model, dtype=args.dtype)
@@ -442,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe, n=args.n, seed=args.seed, categories=categories, out_dir=args.output,
             batch_size=args.batch_size, progress=not args.no_progress, **generation,
         )
+        if args.save_to_model:
+            print(f"model card: {record_shapesbench(model_dir, summary, args.seed)}")
     except (ValueError, FileNotFoundError) as err:
         print(f"mmgen eval shapesbench: error: {err}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ from .drafting import (
     VisionDraftHead,
 )
 from .model import cosine_with_warmup
+from .model_card import refresh_model_card
 from .segments import Segment
 from .stream import TEXT, VISION
 
@@ -666,6 +667,8 @@ def train_drafter(args: DrafterTrainArguments) -> Path:
     logger.info("drafter saved to %s: %s", folder, json.dumps(summary))
     (folder / "train_summary.json").write_text(json.dumps(summary))
     shutil.rmtree(checkpoint)
+    if folder.resolve().parent == model_dir.resolve():  # the card lists what the folder holds
+        refresh_model_card(model_dir)
     return folder
 
 

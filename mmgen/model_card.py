@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +15,9 @@ CURVE = "training_curve.png"
 RESAMPLER_RECIPE = "resampler_recipe.json"  # the settings the learned resampler in model/ was trained with
 CARD = "README.md"
 BENCH = "shapesbench.json"
+STATE = "training_state.json"  # the export's step, seed, recipe and first step of its stage
+
+logger = logging.getLogger(__name__)
 
 
 STAGE_CURVE_PREFIX = "training_curve_from_step_"  # + the stage's first step + ".png"
@@ -126,11 +131,41 @@ def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, s
         summary = json.loads(bench.read_text())
         counts = summary.get("n", {})
         measured = f", measured at step {summary['step']}" if "step" in summary else ""
+        measured += f" (seed {summary['seed']})" if "seed" in summary else ""
         lines += ["## ShapesBench", "", f"`mmgen eval shapesbench` with the default steps and guidance{measured}.",
                   "", "| category | accuracy | n |", "|---|---|---|"]
         lines += [f"| {k} | {v:.3f} | {counts.get(k, '')} |" for k, v in summary.items()
-                  if isinstance(v, (int, float)) and k != "step"]
+                  if isinstance(v, (int, float)) and k not in ("step", "seed")]
         lines.append("")
     card = model_dir / CARD
     card.write_text("\n".join(lines))
     return card
+
+
+def refresh_model_card(model_dir: str | Path) -> Path | None:
+    """Write the card of an exported folder again from what the folder holds now, after a later recipe added
+    a resampler or a drafter, or a ShapesBench table. Returns None, and changes nothing, for a folder without
+    a card or one whose export did not keep its recipe (`STATE`)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / CARD).is_file():
+        return None
+    state_file = model_dir / STATE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if "recipe" not in state:
+        logger.warning("%s does not name the recipe it was exported by: its model card is left as it is", model_dir)
+        return None
+    return write_model_card(model_dir, [], state["recipe"], state["step"], state.get("stage_start", 0))
+
+
+def record_shapesbench(model_dir: str | Path, summary: dict, seed: int) -> Path:
+    """Keep a ShapesBench summary in the model folder, with the trained step it was measured at and the
+    benchmark's seed, and show it in the card. Returns the card's path."""
+    model_dir = Path(model_dir)
+    state_file = model_dir / STATE
+    if not state_file.is_file():
+        raise ValueError(f"{model_dir} has no {STATE}: it is not a folder `mmgen train` exported")
+    record = {"step": json.loads(state_file.read_text())["step"], "seed": seed, **summary}
+    tmp = model_dir / (BENCH + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, model_dir / BENCH)
+    return refresh_model_card(model_dir) or model_dir / CARD

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .config import DEFAULT_MODEL_DIR, parse_config
 from .data import batch_seed
 from .model import RESAMPLER_PREFIX, ImageModules, UnifiedModel, cosine_with_warmup
-from .model_card import RESAMPLER_RECIPE
+from .model_card import RESAMPLER_RECIPE, refresh_model_card
 from .segments import Image
 from .stream import IGNORE_INDEX, EncodedSequence, PackedBatch, StreamCodec, pack_sequences
 from .training import swap_folder_contents
@@ -230,6 +230,7 @@ def train_resampler(args: ResamplerArguments, pipe=None) -> list[dict]:
         if step % args.save_every == 0 or step == args.max_steps:
             save_pipeline(pipe, out)
             (out / RESAMPLER_RECIPE).write_text(json.dumps({"step": step, **asdict(args)}, indent=2))
+    refresh_model_card(out)
     return rows
 
 

@@ -33,7 +33,7 @@ from .model import (
     UnifiedModel,
     cosine_with_warmup,
 )
-from .model_card import BENCH, EXTRAS, RESAMPLER_RECIPE, write_model_card
+from .model_card import BENCH, EXTRAS, RESAMPLER_RECIPE, STATE, write_model_card
 from .stream import TEXT, StreamCodec
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class Trainer:
             logger.info("%s start from their initial weights, not from %s", ", ".join(fresh), folder)
         if self.args.fresh_tokens:
             self.draw_fresh_tokens()
-        state = Path(folder) / "training_state.json"
+        state = Path(folder) / STATE
         self.step = json.loads(state.read_text())["step"] if state.is_file() else 0
         if self.step:
             # Move the schedule to the exported step in one go. Torch warns about a scheduler step before any
@@ -437,10 +437,12 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         self.pipeline().save_pretrained(tmp)
-        (tmp / "training_state.json").write_text(json.dumps({"step": self.step, "seed": self.args.seed}))
+        recipe = self.args.recipe or "CONFIG.yaml"
+        (tmp / STATE).write_text(json.dumps({"step": self.step, "seed": self.args.seed, "recipe": recipe,
+                                             "stage_start": self.args.stage_start}))
         if (final / BENCH).is_file():
             shutil.copy(final / BENCH, tmp / BENCH)
-        write_model_card(tmp, read_log(self.output_dir / LOG_FILE), self.args.recipe or "CONFIG.yaml", self.step,
+        write_model_card(tmp, read_log(self.output_dir / LOG_FILE), recipe, self.step,
                          self.args.stage_start, previous=self.args.init_from)
         # Drafters distilled from the weights this export replaces no longer match them, nor does the recipe
         # file of a resampler the new model/ lacks: they go, and the card (written without them) lists none

@@ -311,6 +311,7 @@ def test_compression_composes_with_batching(tokenizer, spec):
 
 def test_resampler_recipe_trains_only_the_resampler(tokenizer, tmp_path, make_pipeline):
     from mmgen.config import parse_config
+    from mmgen.model_card import write_model_card
     from mmgen.train_resampler import ResamplerArguments, train_resampler
 
     make_pipeline("llama").save_pretrained(tmp_path / "base")
@@ -335,8 +336,13 @@ def test_resampler_recipe_trains_only_the_resampler(tokenizer, tmp_path, make_pi
     trained = [k for k in new if k not in old]
     assert trained and all(k.startswith("model.compressor.resampler.") for k in trained)
     assert not torch.equal(new["model.compressor.resampler.out.weight"], torch.zeros_like(new["model.compressor.resampler.out.weight"]))
-    train_resampler(args)  # a rerun logs its own rows only
+    # A rerun into an exported model's folder logs its own rows only and lists the resampler in the card.
+    (tmp_path / "out" / "training_state.json").write_text(json.dumps({"step": 9, "recipe": "configs/tiny.yaml"}))
+    write_model_card(tmp_path / "out", [], "configs/tiny.yaml", 9)
+    train_resampler(args)
     assert [json.loads(line)["step"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert (f"the learned resampler for resampler:2, resampler:4 (`python -m mmgen.train_resampler "
+            f"configs/resampler.yaml --output_dir {tmp_path / 'out'}`)") in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_retention_is_the_smaller_share_kept_of_image_to_text_and_story_consistency():

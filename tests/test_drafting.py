@@ -41,6 +41,7 @@ from mmgen.drafting import (
     verify_drafts,
 )
 from mmgen.evals.bench_drafting import _identical
+from mmgen.model_card import write_model_card
 from mmgen.pipelines import MMGenPipeline
 from mmgen.stream import TEXT
 
@@ -520,14 +521,19 @@ def test_train_drafter_saves_heads_into_the_model_folder_reusing_traces_of_the_s
     args = DrafterTrainArguments(model=str(tmp_path / "model"), samples=2, max_new_tokens=8, num_inference_steps=1,
                                  generation_batch_size=2, steps=2, batch_size=2, num_heads=4, intermediate_size=32,
                                  eval_samples=1, data_cache=str(tmp_path / "samples.safetensors"))
+    (tmp_path / "model" / "training_state.json").write_text(json.dumps({"step": 9, "recipe": "configs/tiny.yaml"}))
+    write_model_card(tmp_path / "model", [], "configs/tiny.yaml", 9)
     folder = train_drafter(args)
     assert folder == tmp_path / "model" / "drafter"
     assert not (tmp_path / "model" / "drafter.checkpoint").exists(), "the finished training's checkpoint goes"
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "- `drafter/`: the vision-aware draft head" in card and "`mmgen train configs/tiny.yaml`" in card
     loaded = MMGenPipeline.from_pretrained(tmp_path / "model")
     assert isinstance(loaded.drafter, VisionDraftHead) and loaded.drafter.config.image_adaptor
     with caplog.at_level(logging.INFO, logger="mmgen.draft_training"):
         ablation = train_drafter(DrafterTrainArguments(**{**args.__dict__, "image_adaptor": False}))
     assert ablation == tmp_path / "model" / "drafter_no_adaptor"
+    assert "- `drafter_no_adaptor/`: the draft head without image adaptor" in (tmp_path / "model" / "README.md").read_text()
     assert not VisionDraftHead.from_pretrained(str(ablation)).config.image_adaptor
     assert "read 2 generated traces" in caplog.text  # the same target: its traces are reused
     # A changed target does not train on the traces of the old one.

@@ -225,3 +225,28 @@ def test_summary_table_lists_headline_scores_first():
     table = format_summary({"colors": 0.5, "t2i_overall": 0.25, "n": {"colors": 2, "t2i_overall": 2}})
     lines = table.splitlines()
     assert lines[2] == "| t2i_overall | 0.250 | 2 |" and lines[3] == "| colors | 0.500 | 2 |"
+
+
+def test_only_a_complete_run_with_the_default_settings_goes_into_the_model_card(make_pipeline, tmp_path, capsys):
+    from mmgen.evals.shapesbench import main
+    from mmgen.model_card import write_model_card
+
+    model = tmp_path / "model"
+    make_pipeline("llama", image_scale=6.0).save_pretrained(model)
+    base = ["--model", str(model), "--n", "1", "--seed", "5", "--no-progress", "--save-to-model"]
+    assert main([*base, "-o", str(tmp_path / "run")]) == 2
+    assert "it is not a folder `mmgen train` exported" in capsys.readouterr().err
+    (model / "training_state.json").write_text(json.dumps({"step": 12, "seed": 0, "recipe": "configs/tiny.yaml"}))
+    write_model_card(model, [], "configs/tiny.yaml", 12)
+    assert main([*base, "-o", str(tmp_path / "run"), "--categories", "t2i"]) == 2
+    assert "needs every category" in capsys.readouterr().err
+    assert main([*base, "-o", str(tmp_path / "run"), "--steps", "2"]) == 2
+    assert "needs the default generation settings" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (model / "shapesbench.json").exists(), "refused before the run"
+
+    assert main([*base, "-o", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert json.loads((model / "shapesbench.json").read_text()) == {"step": 12, "seed": 5, **summary}
+    card = (model / "README.md").read_text()
+    assert "`mmgen train configs/tiny.yaml`" in card and "measured at step 12 (seed 5)" in card
+    assert f"| t2i_overall | {summary['t2i_overall']:.3f} | 6 |" in card

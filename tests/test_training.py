@@ -19,7 +19,7 @@ import yaml
 
 from mmgen.config import ModelArguments, TrainArguments, parse_config
 from mmgen.model import RESAMPLER_PREFIX, cosine_with_warmup
-from mmgen.model_card import write_model_card
+from mmgen.model_card import record_shapesbench
 from mmgen.pipelines import MMGenPipeline
 from mmgen.train_resampler import with_resampler
 from mmgen.training import Trainer, draw_like
@@ -71,18 +71,17 @@ def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_
     assert "configs/tiny.yaml" in card and (export / "training_curve.png").stat().st_size > 0
     assert "- sampler: `FlowMatchEulerDiscreteScheduler`, shift 3.0, stochastic steps" in card
 
-    # A ShapesBench summary saved beside the model later goes into the card, and the curve stays.
-    (export / "shapesbench.json").write_text(json.dumps({"single_object": 0.5, "colors": 0.25, "step": 30,
-                                                          "n": {"single_object": 200, "colors": 200}}))
+    # The card is written again from the folder when later recipes add to it, and the curve stays.
     assert "## Added after training" not in card
     (export / "drafter").mkdir()  # what `mmgen train-drafter` adds later
     with_resampler(pipe, [4], num_layers=1, num_heads=2)  # and what the resampler recipe adds
     pipe.model.save_pretrained(export / "model")
     (export / "resampler_recipe.json").write_text(json.dumps({"output_dir": "models/tiny"}))
-    write_model_card(export, [], "configs/tiny.yaml", 30)
+    record_shapesbench(export, {"single_object": 0.5, "colors": 0.25, "n": {"single_object": 200, "colors": 200}},
+                       seed=7)
     card = (export / "README.md").read_text()
     assert "| single_object | 0.500 | 200 |" in card and "| colors | 0.250 | 200 |" in card
-    assert "measured at step 30" in card
+    assert "measured at step 30 (seed 7)" in card and "configs/tiny.yaml" in card
     assert "- `drafter/`: the vision-aware draft head (`mmgen train-drafter configs/drafter.yaml`)" in card
     assert ("- `model/`: the learned resampler for resampler:4 "
             "(`python -m mmgen.train_resampler configs/resampler.yaml --output_dir models/tiny`)") in card
