@@ -175,6 +175,11 @@ class TrainArguments:
         metadata={"help": "Share of ShapesWorld stories that write a layout plan of the whole scene after each step's "
                           "sentence, before its picture (see ShapesWorld)."},
     )
+    reading_plans: float = field(
+        default=0.0,
+        metadata={"help": "Share of ShapesWorld image-to-text answers that first write the plan of the picture they "
+                          "read (each object with its colour and cell), then answer (see ShapesWorld)."},
+    )
     trainable_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Name prefixes of the parameters this stage trains, e.g. [image_modules.flow_head]; the "

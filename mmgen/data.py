@@ -101,11 +101,13 @@ class ShapesWorldData:
         ShapesWorld.check_share("ordered_layouts", args.ordered_layouts)
         ShapesWorld.check_share("layout_plans", args.layout_plans)
         ShapesWorld.check_share("story_plans", args.story_plans)
+        ShapesWorld.check_share("reading_plans", args.reading_plans)
 
     def batch(self, step: int, micro: int = 0) -> PackedBatch:
         seed = batch_seed(self.args.seed, step, micro, self.process_index)
         world = self.world_cls(seed=seed, size=self.image_size, ordered_layouts=self.args.ordered_layouts,
-                               layout_plans=self.args.layout_plans, story_plans=self.args.story_plans)
+                               layout_plans=self.args.layout_plans, story_plans=self.args.story_plans,
+                               reading_plans=self.args.reading_plans)
         rng = random.Random(seed)
         pairs = []
         for _ in range(self.args.batch_size):

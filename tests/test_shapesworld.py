@@ -413,6 +413,30 @@ def test_story_plans_write_the_whole_scene_before_each_picture_and_the_scorer_re
         plain.sample_at(3, task="story").answer[0].text
 
 
+@pytest.mark.parametrize("category", ["caption", "color_qa", "shape_qa", "count_qa", "position_qa"])
+def test_reading_plans_name_every_object_left_to_right_before_an_answer_the_scorer_still_finds(category):
+    from transformers import AutoTokenizer
+
+    from mmgen.config import DEFAULT_MODEL_DIR
+    from mmgen.evals.shapesbench import GENERATION_LIMITS
+    from mmgen.shapesworld import score
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "tokenizer")
+    planned, plain = ShapesWorld(seed=6, reading_plans=1.0), ShapesWorld(seed=6)
+    for i in range(30):
+        sample, unplanned = (w.sample_at(i, task="i2t", category=category) for w in (planned, plain))
+        assert sample.spec == unplanned.spec and sample.prompt[1].text == unplanned.prompt[1].text
+        plan, answer = sample.answer[0].text.split(". ", 1)
+        assert " " + answer == unplanned.answer[0].text
+        objects = sorted((Obj.from_dict(o) for o in sample.spec["scene"]), key=lambda o: (o.x, o.y))
+        assert plan.strip().split(", ") == [f"{o.color} {o.shape} {lang.layout_cell(o)}" for o in objects]
+        assert score(sample.spec, sample.answer)["correct"] == 1.0, "the scorer reads the answer past the plan"
+        room = GENERATION_LIMITS["i2t"][0]
+        assert len(tokenizer(sample.answer[0].text)["input_ids"]) < room, "it fits ShapesBench's limit"
+    wrong = sample.answer[0].text.replace(answer, unplanned.answer[0].text.replace(" ", " not ", 1))
+    assert score(sample.spec, [Text(wrong)])["correct"] == 0.0, "a plan does not make a wrong answer right"
+
+
 def test_world_rejects_bad_arguments_with_clear_errors():
     world = ShapesWorld(seed=0)
     with pytest.raises(ValueError, match="ordered_layouts must be a share in"):
@@ -421,6 +445,8 @@ def test_world_rejects_bad_arguments_with_clear_errors():
         ShapesWorld(seed=0, layout_plans=-0.1)
     with pytest.raises(ValueError, match="story_plans must be a share in"):
         ShapesWorld(seed=0, story_plans=2)
+    with pytest.raises(ValueError, match="reading_plans must be a share in"):
+        ShapesWorld(seed=0, reading_plans=1.01)
     with pytest.raises(ValueError, match="unknown task"):
         world.sample(task="video")
     with pytest.raises(ValueError, match="unknown category"):

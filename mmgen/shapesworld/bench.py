@@ -151,10 +151,11 @@ def score_i2t(spec: dict, text: Any) -> bool:
     A caption must name exactly the scene's objects, and any relation it states must hold (a
     two-object caption may leave the relation out). A "what is left of the square?" answer must name
     that object. A "where is ...?" answer must give the relation and name the anchor. Other answers
-    must equal the canonical answer after normalisation (case, articles, digits, synonyms).
+    must equal the canonical answer after normalisation (case, articles, digits, synonyms). A plan of the
+    picture before the answer (`ShapesWorld`, `reading_plans`) is passed over.
     """
     _check_spec(spec, "i2t")
-    answer = _text(text)
+    answer = without_plans(_text(text))
     if not answer.strip():
         return False
     scene = _scene(spec["scene"])

@@ -98,10 +98,17 @@ class ShapesWorld:
     object of the scene, in a fixed order through the story. A step then changes one entry of the plan before it
     and copies the rest, which a language model does well, and a flow head with a plan input draws each object
     where the plan keeps it. At 0 (ShapesBench) the samples are unchanged.
+
+    `reading_plans` is the share of image→text answers that first write the plan of the picture they read: every
+    object, left to right, with its colour and cell, then the answer ("blue star c6, orange square a1. blue.").
+    Naming each object with the cell under it is what the image tokens, one per cell, show most directly; which
+    colour the star has, what is left of what, or how many squares there are, is then read off text the
+    backbone has just written. The scorer reads the answer past the plan. At 0 (ShapesBench) the samples are
+    unchanged.
     """
 
     def __init__(self, seed: int, size: int = 64, ordered_layouts: float = 0.0, layout_plans: float = 0.0,
-                 story_plans: float = 0.0):
+                 story_plans: float = 0.0, reading_plans: float = 0.0):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(size, int) or size < 16:
@@ -109,11 +116,13 @@ class ShapesWorld:
         self.check_share("ordered_layouts", ordered_layouts)
         self.check_share("layout_plans", layout_plans)
         self.check_share("story_plans", story_plans)
+        self.check_share("reading_plans", reading_plans)
         self.seed = seed
         self.size = size
         self.ordered_layouts = float(ordered_layouts)
         self.layout_plans = float(layout_plans)
         self.story_plans = float(story_plans)
+        self.reading_plans = float(reading_plans)
         self._next = 0
 
     # -- public API -------------------------------------------------------------------------
@@ -356,6 +365,8 @@ class ShapesWorld:
             "scene": scene.to_dicts(),
             **extra,
         }
+        if self.reading_plans > 0 and rng.random() < self.reading_plans:
+            answer = lang.layout_plan([scene.objects[i] for i in lang.reading_order(scene)]) + " " + answer
         return Sample("i2t", category, [self._image(scene), _spaced(question)], [_spaced(answer)], spec)
 
     # -- stories ----------------------------------------------------------------------------
