@@ -71,6 +71,9 @@ class DrafterTrainArguments:
     stop_below: float = 0.1
     siblings: int = field(default=0, metadata={"help": "Greedy drafts also offer the head's next N choices at each "
                                                        "depth, verified in the same pass (a draft tree)."})
+    siblings_below: float | None = field(
+        default=None, metadata={"help": "Siblings only where the head's first choice has a probability below this; "
+                                        "default: at every depth."})
     draft_lm_layers: int = 2
     draft_lm_hidden_size: int = 128
     draft_lm_heads: int = 4
@@ -465,6 +468,7 @@ def build_head(pipe, args: DrafterTrainArguments) -> VisionDraftHead:
         hidden_size=hidden, num_heads=args.num_heads, intermediate_size=intermediate,
         image_adaptor=args.image_adaptor, adaptor_tokens=args.adaptor_tokens, rope_theta=10000.0,
         max_draft=args.max_draft, stop_below=args.stop_below, siblings=args.siblings,
+        siblings_below=args.siblings_below,
     )
     if args.init_from:
         load_start(head, VisionDraftHead.from_pretrained(args.init_from), args.init_from)
@@ -473,7 +477,8 @@ def build_head(pipe, args: DrafterTrainArguments) -> VisionDraftHead:
 
 def load_start(module: torch.nn.Module, source: torch.nn.Module, folder: str) -> None:
     """Copy the weights of `source`, the drafter saved in `folder`, into the recipe's freshly built `module`.
-    The recipe keeps its own drafting settings (`max_draft`, `stop_below`, `siblings`); the shapes must agree."""
+    The recipe keeps its own drafting settings (`max_draft`, `stop_below`, `siblings`, `siblings_below`); the
+    shapes must agree."""
     ours, theirs = module.state_dict(), source.state_dict()
     differ = sorted(set(ours) ^ set(theirs)) or [k for k in ours if ours[k].shape != theirs[k].shape]
     if differ:

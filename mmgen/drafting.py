@@ -20,6 +20,7 @@ one through `propose`. Three drafters, selected by name:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -569,6 +570,7 @@ class VisionDraftHead(ModelMixin, ConfigMixin):
         max_draft: int = 8,
         stop_below: float = 0.1,
         siblings: int = 0,
+        siblings_below: float | None = None,
     ):
         super().__init__()
         d = hidden_size
@@ -800,20 +802,24 @@ class VisionHeadDrafter(Drafter):
 
     Drafting stops at `max_draft` tokens or when the product of the head's top probabilities falls below
     `stop_below` (a cheap stand-in for EAGLE-2's confidence-shaped drafts). Greedy drafts also carry the
-    head's next `siblings` choices at every depth (`Draft.alternatives`): the target verifies them in the
-    same pass, and where it rejects the head's first choice it often picks its second. The head's layer
-    runs as its `DecodingLayer`.
+    head's next `siblings` choices (`Draft.alternatives`): the target verifies them in the same pass, and where
+    it rejects the head's first choice it often picks its second. With `siblings_below`, only at the depths
+    where the first choice's probability is below it: every token verified costs target time, and where the
+    head is sure, the target rarely picks another. The head's layer runs as its `DecodingLayer`.
     """
 
     name = "vision-head"
 
     def __init__(self, head: VisionDraftHead, model, max_draft: int | None = None, stop_below: float | None = None,
-                 siblings: int | None = None, seed: int = 0):
+                 siblings: int | None = None, siblings_below: float | None = None, seed: int = 0):
         self.head = head.eval()
         self.model = model  # the UnifiedModel: token embeddings and LM head of the target
         self.max_draft = max_draft if max_draft is not None else head.config.max_draft
         self.stop_below = stop_below if stop_below is not None else head.config.stop_below
         self.siblings = siblings if siblings is not None else head.config.siblings
+        if siblings_below is None:  # the head's setting; None there: at every depth
+            siblings_below = head.config.get("siblings_below")
+        self.siblings_below = math.inf if siblings_below is None else siblings_below
         self.seed = seed
 
     def start(self, batch_size: int, sampling: Sampling) -> None:
@@ -881,7 +887,7 @@ class VisionHeadDrafter(Drafter):
                 draft = drafts[live[a]]
                 draft.tokens.append(tokens[j])
                 if q is None and self.siblings:
-                    draft.alternatives.append(choices[j][1:])
+                    draft.alternatives.append(choices[j][1:] if top[j] < self.siblings_below else [])
                 if q is not None:
                     draft.probs = q[j : j + 1] if draft.probs is None else torch.cat([draft.probs, q[j : j + 1]])
                 confidence[a] *= top[j]

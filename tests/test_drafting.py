@@ -282,6 +282,46 @@ def test_greedy_drafting_is_token_identical_to_plain_decoding(make_pipeline, tok
     assert tree and any(accepted == at + 1 for at, accepted in tree), "a tree takes the right token beside it"
 
 
+class WidthRecorder(VisionHeadDrafter):
+    """A vision head drafting one row that remembers, for each depth of its greedy drafts, the probability of
+    its first choice and how many siblings it offered."""
+
+    def start(self, batch_size, sampling):
+        super().start(batch_size, sampling)
+        self.tops, self.widths, logits = [], [], self.layer.logits
+
+        def recorded(features, bias):
+            out = logits(features, bias)
+            self.tops += out.softmax(-1).max(-1).values.tolist()
+            return out
+
+        self.layer.logits = recorded
+
+    def propose(self, requests):
+        drafts = super().propose(requests)
+        self.widths += [len(a) for d in drafts for a in d.alternatives]
+        return drafts
+
+    def finish(self):
+        del self.layer.logits  # the head keeps its layer between calls: back to the class's method
+        super().finish()
+
+
+def test_siblings_go_only_to_the_depths_where_the_head_is_unsure(make_pipeline):
+    pipe = make_pipeline("llama", image_scale=6.0)
+    pipe.drafter = random_head(pipe)
+    prompt = ["tell a story about a red circle."]
+    plain = [signature(r) for r in pipe(prompt, generator=seeded(), **GREEDY).segments]
+    everywhere = WidthRecorder(pipe.drafter, pipe.unified, siblings=2)
+    assert same_rows(pipe(prompt, drafter=everywhere, generator=seeded(), **GREEDY).segments, plain)
+    assert everywhere.widths and set(everywhere.widths) == {2}, "without a threshold: at every depth"
+    threshold = sorted(everywhere.tops)[len(everywhere.tops) // 2]
+    unsure = WidthRecorder(pipe.drafter, pipe.unified, siblings=2, siblings_below=threshold)
+    assert same_rows(pipe(prompt, drafter=unsure, generator=seeded(), **GREEDY).segments, plain), "still lossless"
+    assert len(unsure.widths) == len(unsure.tops) and set(unsure.widths) == {0, 2}
+    assert unsure.widths == [2 if top < threshold else 0 for top in unsure.tops]
+
+
 def test_plain_decoding_has_tau_one(make_pipeline):
     pipe = make_pipeline("llama", image_scale=6.0)
     pipe("draw a red circle.", generator=seeded(), **GREEDY)
