@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mmgen.cli import add_guidance_options, guidance_options
 from mmgen.config import DEFAULT_MODEL_DIR
-from mmgen.model_card import STATE, record_shapesbench
+from mmgen.model_card import exported_step, record_shapesbench
 from mmgen.segments import Image, Segment, Text, as_segments
 from mmgen.shapesworld import TASKS, Sample, bench_samples, score
 from mmgen.shapesworld.bench import ANSWER_TYPES
@@ -428,8 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_card_run(model_dir: Path, categories: list[str] | None, generation: Mapping[str, Any], dtype: str) -> None:
     """A model card's table claims every category with the default steps and guidance: refuse, before the
     run, to put anything else there."""
-    if not (model_dir / STATE).is_file():
-        raise ValueError(f"--save-to-model: {model_dir} has no {STATE}: it is not a folder `mmgen train` exported")
+    exported_step(model_dir)
     if categories is not None and resolve_categories(categories) != resolve_categories(None):
         raise ValueError("--save-to-model needs every category: leave out --categories")
     if generation or dtype != "float32":

@@ -157,14 +157,19 @@ def refresh_model_card(model_dir: str | Path) -> Path | None:
     return write_model_card(model_dir, [], state["recipe"], state["step"], state.get("stage_start", 0))
 
 
+def exported_step(model_dir: str | Path) -> int:
+    """The trained step of a folder `mmgen train` exported; a clear error for any other folder."""
+    state_file = Path(model_dir) / STATE
+    if not state_file.is_file():
+        raise ValueError(f"{model_dir} has no {STATE}: it is not a folder `mmgen train` exported")
+    return json.loads(state_file.read_text())["step"]
+
+
 def record_shapesbench(model_dir: str | Path, summary: dict, seed: int) -> Path:
     """Keep a ShapesBench summary in the model folder, with the trained step it was measured at and the
     benchmark's seed, and show it in the card. Returns the card's path."""
     model_dir = Path(model_dir)
-    state_file = model_dir / STATE
-    if not state_file.is_file():
-        raise ValueError(f"{model_dir} has no {STATE}: it is not a folder `mmgen train` exported")
-    record = {"step": json.loads(state_file.read_text())["step"], "seed": seed, **summary}
+    record = {"step": exported_step(model_dir), "seed": seed, **summary}
     tmp = model_dir / (BENCH + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, model_dir / BENCH)
