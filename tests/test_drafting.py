@@ -732,6 +732,14 @@ def test_grounded_bench_prompts_are_captions_questions_and_story_steps_in_equal_
     assert len(set(questions)) == 4 and any("how many" in q for q in questions) and any("color" in q for q in questions)
 
 
+def test_grounded_bench_stories_may_draw_every_picture_they_have_left():
+    from mmgen.evals.bench_drafting import grounded_settings
+    from mmgen.shapesworld.tasks import MAX_STEPS
+
+    for quick in (True, False):  # a continued story was given at least one of its MAX_STEPS pictures
+        assert grounded_settings(quick)["max_images"] >= MAX_STEPS - 1
+
+
 def test_the_drafting_bench_calls_outputs_identical_by_tokens_and_pictures():
     from mmgen.evals.bench_drafting import IMAGE_TOLERANCE
 
