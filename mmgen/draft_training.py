@@ -44,7 +44,7 @@ from .drafting import (
     Sampling,
     VisionDraftHead,
 )
-from .model import cosine_with_warmup
+from .model import RESAMPLER_PREFIX, cosine_with_warmup
 from .model_card import refresh_model_card
 from .segments import Segment
 from .stream import TEXT, VISION
@@ -195,7 +195,7 @@ def generate_traces(pipe, prompts: list[list[Segment]], args: DrafterTrainArgume
         recorder = TraceRecorder()
         pipe(
             chunk, max_new_tokens=args.max_new_tokens, num_inference_steps=args.num_inference_steps,
-            max_images=args.max_images, output_type="latent", drafter=recorder,
+            max_images=args.max_images, compression="none", output_type="latent", drafter=recorder,
             generator=[torch.Generator().manual_seed(args.seed + start + k) for k in range(len(chunk))],
         )
         traces += recorder.traces()
@@ -222,10 +222,14 @@ TRACE_FIELDS = ("samples", "seed", "task_weights", "max_new_tokens", "max_images
 
 def trace_key(pipe, args: DrafterTrainArguments) -> str:
     """What the traces depend on: the target's weights and the generation settings of the recipe. A cache made
-    under another key (an earlier target, another sample count) is generated afresh, not reused."""
+    under another key (an earlier target, another sample count) is generated afresh, not reused. The learned
+    resampler's weights are left out: traces are generated with the context images uncompressed, so the
+    resampler recipe may run before, after or beside the drafters' without making their traces stale."""
     digest = hashlib.sha256(json.dumps({f: getattr(args, f) for f in TRACE_FIELDS}, sort_keys=True).encode())
     for component in (pipe.backbone, pipe.model, pipe.vae):
         for name, tensor in sorted(component.state_dict().items()):
+            if component is pipe.model and name.startswith(RESAMPLER_PREFIX):
+                continue
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
