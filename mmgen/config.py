@@ -11,6 +11,15 @@ import yaml
 from transformers import HfArgumentParser
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+# The TrainArguments shares that decide how ShapesWorld writes its text (plans before or after pictures, layouts
+# in prompt order). An export keeps them, so recipes that later train on the model's text (the learned
+# resampler) write it in the form the model learnt.
+TEXT_FORMS = ("ordered_layouts", "layout_plans", "story_plans", "reading_plans")
+
+
+def text_forms(args) -> dict[str, float]:
+    """The ShapesWorld text forms of a TrainArguments, as ShapesWorld's keyword arguments."""
+    return {name: float(getattr(args, name)) for name in TEXT_FORMS}
 
 
 class ConfigLoader(yaml.SafeLoader):

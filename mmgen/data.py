@@ -16,7 +16,7 @@ import PIL.Image
 import torch
 
 from .compression import VisualCompressor
-from .config import TrainArguments
+from .config import TrainArguments, text_forms
 from .image_tokenizer import ImageTokenizer
 from .segments import Image, Segment, Text
 from .stream import EncodedSequence, PackedBatch, StreamCodec, pack_sequences
@@ -98,16 +98,13 @@ class ShapesWorldData:
         self.category_weights = args.category_weights
         if self.category_weights:
             ShapesWorld.check_category_weights(self.category_weights)
-        ShapesWorld.check_share("ordered_layouts", args.ordered_layouts)
-        ShapesWorld.check_share("layout_plans", args.layout_plans)
-        ShapesWorld.check_share("story_plans", args.story_plans)
-        ShapesWorld.check_share("reading_plans", args.reading_plans)
+        self.text_forms = text_forms(args)
+        for name, share in self.text_forms.items():
+            ShapesWorld.check_share(name, share)
 
     def batch(self, step: int, micro: int = 0) -> PackedBatch:
         seed = batch_seed(self.args.seed, step, micro, self.process_index)
-        world = self.world_cls(seed=seed, size=self.image_size, ordered_layouts=self.args.ordered_layouts,
-                               layout_plans=self.args.layout_plans, story_plans=self.args.story_plans,
-                               reading_plans=self.args.reading_plans)
+        world = self.world_cls(seed=seed, size=self.image_size, **self.text_forms)
         rng = random.Random(seed)
         pairs = []
         for _ in range(self.args.batch_size):

@@ -15,7 +15,7 @@ CURVE = "training_curve.png"
 RESAMPLER_RECIPE = "resampler_recipe.json"  # the settings the learned resampler in model/ was trained with
 CARD = "README.md"
 BENCH = "shapesbench.json"
-STATE = "training_state.json"  # the export's step, seed, recipe and first step of its stage
+STATE = "training_state.json"  # the export's step, seed, recipe, first step of its stage and text forms
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,13 @@ def exported_step(model_dir: str | Path) -> int:
     if not state_file.is_file():
         raise ValueError(f"{model_dir} has no {STATE}: it is not a folder `mmgen train` exported")
     return json.loads(state_file.read_text())["step"]
+
+
+def trained_text_forms(model_dir: str | Path) -> dict[str, float]:
+    """The ShapesWorld text forms (`config.TEXT_FORMS`) the folder's model was trained to write; none (plain
+    text) for a folder whose export did not keep them."""
+    state_file = Path(model_dir) / STATE
+    return json.loads(state_file.read_text()).get("text_forms", {}) if state_file.is_file() else {}
 
 
 def record_shapesbench(model_dir: str | Path, summary: dict, seed: int) -> Path:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .config import DEFAULT_MODEL_DIR, parse_config
 from .data import batch_seed
 from .model import RESAMPLER_PREFIX, ImageModules, UnifiedModel, cosine_with_warmup
-from .model_card import RESAMPLER_RECIPE, refresh_model_card
+from .model_card import RESAMPLER_RECIPE, refresh_model_card, trained_text_forms
 from .segments import Image
 from .stream import IGNORE_INDEX, EncodedSequence, PackedBatch, StreamCodec, pack_sequences
 from .training import swap_folder_contents
@@ -113,19 +113,23 @@ def stack_rows(sequences: list[EncodedSequence], pad_id: int) -> PackedBatch:
 
 
 class ResamplerData:
-    """Seeded ShapesWorld batches: the same samples twice, through the resampler and uncompressed."""
+    """Seeded ShapesWorld batches: the same samples twice, through the resampler and uncompressed. Their text
+    takes the forms the model was trained to write (`text_forms`, e.g. a reading plan before each answer): the
+    resampler learns to keep what the model reads from a picture in the text it writes about it."""
 
-    def __init__(self, codec: StreamCodec, model: UnifiedModel, args: ResamplerArguments):
+    def __init__(self, codec: StreamCodec, model: UnifiedModel, args: ResamplerArguments,
+                 text_forms: dict[str, float] | None = None):
         from .shapesworld import ShapesWorld
 
         self.codec, self.model, self.args = codec, model, args
+        self.text_forms = dict(text_forms or {})
         weights = args.task_weights or DEFAULT_TASKS
         self.tasks, self.weights = list(weights), [float(weights[t]) for t in weights]
         self.world_cls = ShapesWorld
 
     def batch(self, step: int) -> tuple[PackedBatch, PackedBatch]:
         seed = batch_seed(self.args.seed, step)
-        world = self.world_cls(seed=seed, size=self.model.image_modules.config.image_size)
+        world = self.world_cls(seed=seed, size=self.model.image_modules.config.image_size, **self.text_forms)
         rng = random.Random(seed)
         samples = [world.sample(task=rng.choices(self.tasks, self.weights)[0]) for _ in range(self.args.batch_size)]
         images = [s for sample in samples for s in sample.prompt + sample.answer if isinstance(s, Image)]
@@ -204,7 +208,9 @@ def train_resampler(args: ResamplerArguments, pipe=None) -> list[dict]:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     )
-    data = ResamplerData(pipe.codec, model, args)
+    forms = trained_text_forms(args.model)
+    logger.info("training on ShapesWorld text in the model's forms: %s", json.dumps(forms) if forms else "plain")
+    data = ResamplerData(pipe.codec, model, args, forms)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.jsonl").unlink(missing_ok=True)  # the log of this run only: the recipe always starts at step 1

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
 from tqdm.auto import tqdm
 
-from .config import ModelArguments, TrainArguments
+from .config import ModelArguments, TrainArguments, text_forms
 from .data import BatchBuilder, InterleavedJsonlData, ShapesWorldData, batch_loader, batch_seed
 from .loading import build_model
 from .model import (
@@ -439,7 +439,8 @@ class Trainer:
         self.pipeline().save_pretrained(tmp)
         recipe = self.args.recipe or "CONFIG.yaml"
         (tmp / STATE).write_text(json.dumps({"step": self.step, "seed": self.args.seed, "recipe": recipe,
-                                             "stage_start": self.args.stage_start}))
+                                             "stage_start": self.args.stage_start,
+                                             "text_forms": text_forms(self.args)}))
         if (final / BENCH).is_file():
             shutil.copy(final / BENCH, tmp / BENCH)
         write_model_card(tmp, read_log(self.output_dir / LOG_FILE), recipe, self.step,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import PIL.Image
 import pytest
@@ -343,6 +344,23 @@ def test_resampler_recipe_trains_only_the_resampler(tokenizer, tmp_path, make_pi
     assert [json.loads(line)["step"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert (f"the learned resampler for resampler:2, resampler:4 (`python -m mmgen.train_resampler "
             f"configs/resampler.yaml --output_dir {tmp_path / 'out'}`)") in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_the_resampler_learns_from_text_in_the_forms_the_model_was_trained_to_write(make_pipeline):
+    """A model that writes a reading plan before each answer is distilled on answers with that plan."""
+    from mmgen.train_resampler import ResamplerArguments, ResamplerData, with_resampler
+
+    pipe = make_pipeline("llama")
+    with_resampler(pipe, [4], num_layers=1, num_heads=2)
+    args = ResamplerArguments(levels=[4], batch_size=4, task_weights={"i2t": 1.0})
+    cell = re.compile(r" [a-h][1-8][,.]")
+
+    def texts(forms):
+        _, teacher = ResamplerData(pipe.codec, pipe.unified, args, forms).batch(1)
+        return [pipe.tokenizer.decode(row[row != pipe.codec.ids.pad]) for row in teacher.input_ids]
+
+    assert all(cell.search(text) for text in texts({"reading_plans": 1.0}))
+    assert not any(cell.search(text) for text in texts({}))
 
 
 def test_retention_is_the_smaller_share_kept_of_image_to_text_and_story_consistency():

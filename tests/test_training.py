@@ -19,7 +19,7 @@ import yaml
 
 from mmgen.config import ModelArguments, TrainArguments, parse_config
 from mmgen.model import RESAMPLER_PREFIX, cosine_with_warmup
-from mmgen.model_card import record_shapesbench
+from mmgen.model_card import record_shapesbench, trained_text_forms
 from mmgen.pipelines import MMGenPipeline
 from mmgen.train_resampler import with_resampler
 from mmgen.training import Trainer, draw_like
@@ -56,7 +56,7 @@ def read_log(run: Path) -> list[dict]:
 def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_path, vae_dir):
     export = tmp_path / "model"
     config = write_config(tmp_path, vae_dir, max_steps=30, export_dir=str(export), recipe="configs/tiny.yaml",
-                          sampling_shift=3.0, stochastic_sampling=True)
+                          sampling_shift=3.0, stochastic_sampling=True, reading_plans=0.5)
     model_args, args = parse_config((ModelArguments, TrainArguments), config)
     rows = Trainer(model_args, args).train()
     first = sum(r["loss"] for r in rows[:5]) / 5
@@ -70,6 +70,8 @@ def test_loss_decreases_on_a_tiny_config_in_30_steps_and_exports_a_pipeline(tmp_
     card = (export / "README.md").read_text()
     assert "configs/tiny.yaml" in card and (export / "training_curve.png").stat().st_size > 0
     assert "- sampler: `FlowMatchEulerDiscreteScheduler`, shift 3.0, stochastic steps" in card
+    assert trained_text_forms(export) == {"ordered_layouts": 0.0, "layout_plans": 0.0, "story_plans": 0.0,
+                                          "reading_plans": 0.5}, "later recipes read the text forms it learnt"
 
     # The card is written again from the folder when later recipes add to it, and the curve stays.
     assert "## Added after training" not in card
