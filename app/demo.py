@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from mmgen.compression import METHODS
+from mmgen.drafting import VisionDraftHead
 from mmgen.pipelines import MMGenPipeline
 
 from .chat import (
@@ -47,9 +48,10 @@ INTRO = (
 )
 
 
-def drafter_choices() -> list[str]:
-    """Drafters offered in the UI; "off" decodes plainly."""
-    return [DRAFTER_OFF, "ngram", "vision-head"]
+def drafter_choices(pipe: MMGenPipeline) -> list[str]:
+    """Drafters offered in the UI; "off" decodes plainly. The vision head only when the model has a trained one
+    (`mmgen train-drafter` adds it to a model folder)."""
+    return [DRAFTER_OFF, "ngram"] + (["vision-head"] if isinstance(pipe.drafter, VisionDraftHead) else [])
 
 
 def compression_choices(pipe: MMGenPipeline) -> list[str]:
@@ -182,7 +184,7 @@ def build_demo(pipe: MMGenPipeline, concurrency_limit: int = 1, defaults: Genera
                     compression_choices(pipe), value=defaults.compression, allow_custom_value=True,
                     label="Context image compression", info="method or method:amount, e.g. pool:2",
                 )
-                drafter = gr.Dropdown(drafter_choices(), value=defaults.drafter, label="Drafter")
+                drafter = gr.Dropdown(drafter_choices(pipe), value=defaults.drafter, label="Drafter")
                 temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
                                         label="Temperature (0 = greedy)")
                 clear = gr.ClearButton([chatbot, textbox, stats], value="New conversation")

@@ -153,8 +153,8 @@ def test_unknown_compression_gets_a_message_and_the_server_still_answers(client)
     assert "**4** tokens per context image" in stats  # the tiny model's 4×4 grid pooled 2×2
 
 
-def test_choosing_a_drafter_either_drafts_or_says_why_not(client):
-    drafter = next(name for name in drafter_choices() if name != "off")
+def test_choosing_a_drafter_either_drafts_or_says_why_not(client, pipe):
+    drafter = next(name for name in drafter_choices(pipe) if name != "off")
     chat, stats = ask(client, STORY, drafter=drafter)
     notes = error_notes(chat)
     if notes:
@@ -174,6 +174,16 @@ def test_server_binds_localhost_serves_no_extra_folders_and_queues_with_a_limit(
 def test_launch_refuses_a_missing_model_before_serving(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         launch(str(tmp_path / "no-such-model"), port=free_port())
+
+
+def test_the_vision_head_is_offered_only_with_a_trained_one(pipe):
+    from mmgen.drafting import VisionDraftHead
+
+    assert drafter_choices(pipe) == ["off", "ngram"]
+    with_head = tiny_random_pipeline()
+    with_head.drafter = VisionDraftHead(hidden_size=with_head.backbone.config.hidden_size, num_heads=4,
+                                        intermediate_size=32)
+    assert drafter_choices(with_head) == ["off", "ngram", "vision-head"]
 
 
 def test_compression_choices_are_the_ones_the_model_supports(pipe):
