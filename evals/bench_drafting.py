@@ -6,9 +6,9 @@
   the prompt's reading and its first token left out), τ (also per kind) and acceptance per drafter, and
   the lossless check (greedy output of every drafter token-identical to plain decoding). A "ceiling" row
   replays plain decoding's own output as the draft: its τ and speed bound what any drafter of the vision
-  head's draft length can reach on these prompts. A vision head whose config offers `siblings` drafts
-  trees; its "vision-head (chain)" row is the same head drafting chains, so the table shows whether the
-  tree pays.
+  head's draft length can reach on these prompts. The same vision head also drafts in the other shape: a
+  head that drafts chains gets a "vision-head (tree)" row (TREE_SIBLINGS alternatives at each depth), one
+  whose config offers `siblings` a "vision-head (chain)" row, so the table shows whether a tree pays.
 - Text-only prompts on the bare backbone: our drafters against transformers' own `generate()` plain,
   with `prompt_lookup_num_tokens` and with `assistant_model` (the same draft LM our `draft-lm` uses).
 - Batch 4 with drafting against batch 4 without: identical outputs and the throughput ratio.
@@ -44,6 +44,7 @@ from .bench import BenchOptions, CaseResult, bench_case, median_seconds
 
 logger = logging.getLogger(__name__)
 
+TREE_SIBLINGS = 2  # alternatives per depth of the tree a chain-drafting head is compared with
 IMAGE_TOLERANCE = 1e-3  # on latents of unit scale: float noise passes, a different picture does not
 
 
@@ -222,14 +223,15 @@ def available_drafters(pipe, quick: bool) -> dict[str, Drafter]:
         if head is None and quick:
             torch.manual_seed(0)
             head = VisionDraftHead(hidden_size=hidden, num_heads=4, intermediate_size=2 * hidden,
-                                   image_adaptor=name == "vision-head", siblings=2)
+                                   image_adaptor=name == "vision-head")
         if head is not None:
             drafters[name] = VisionHeadDrafter(head.to(model.device), model)
         else:
             logger.warning("no %s in %s: run `mmgen train-drafter` to include it", name, folder)
-    tree = drafters.get("vision-head")
-    if tree is not None and tree.siblings:  # the same head drafting chains: what its draft tree gains
-        drafters["vision-head (chain)"] = VisionHeadDrafter(tree.head, model, siblings=0)
+    head = drafters.get("vision-head")
+    if head is not None:  # the same head drafting the other shape: whether a draft tree pays
+        name, siblings = ("vision-head (chain)", 0) if head.siblings else ("vision-head (tree)", TREE_SIBLINGS)
+        drafters[name] = VisionHeadDrafter(head.head, model, siblings=siblings)
     if (folder / DRAFT_LM_DIR).is_dir():
         drafters["draft-lm"] = DraftLMDrafter.from_folder(folder / DRAFT_LM_DIR, pipe.tokenizer)
     elif quick:

@@ -727,7 +727,7 @@ def test_drafting_bench_case_runs_quick_and_reports_its_ratios(make_pipeline, tm
                                   "best_vs_hf_assisted", "best_vs_hf_prompt_lookup", "batch4_drafting_vs_plain"}
     grounded = [row for row in result.rows if row["workload"] != "text-only"]
     assert all(row["identical_to_plain"] == 1.0 for row in grounded), "drafting must not change greedy output"
-    assert {"vision-head", "vision-head (chain)"} <= {r["drafter"] for r in grounded}, "a tree, beside its chain"
+    assert {"vision-head", "vision-head (tree)"} <= {r["drafter"] for r in grounded}, "a chain, beside its tree"
     assert next(r for r in result.rows if r["drafter"] == "hf plain")["matches_ours"] == 1.0
     plain = next(r for r in grounded if r["drafter"] == "plain")
     assert all(plain[f"tau_{kind}"] == 1.0 for kind in ("caption", "qa", "story")), plain
