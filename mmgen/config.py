@@ -11,7 +11,7 @@ import yaml
 from transformers import HfArgumentParser
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-# The TrainArguments shares that decide how ShapesWorld writes its text (plans before or after pictures, layouts
+# The TrainArguments shares that decide how ShapesWorld writes its text (plans before pictures and answers, layouts
 # in prompt order). An export keeps them, so recipes that later train on the model's text (the learned
 # resampler) write it in the form the model learnt.
 TEXT_FORMS = ("ordered_layouts", "layout_plans", "story_plans", "reading_plans")
