@@ -142,6 +142,12 @@ def write_model_card(model_dir: str | Path, log_rows: list[dict], recipe: str, s
     return card
 
 
+def read_state(model_dir: str | Path) -> dict:
+    """What the folder's export kept of its training (`STATE`); empty for a folder `mmgen train` did not export."""
+    state_file = Path(model_dir) / STATE
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
 def refresh_model_card(model_dir: str | Path) -> Path | None:
     """Write the card of an exported folder again from what the folder holds now, after a later recipe added
     a resampler or a drafter, or a ShapesBench table. Returns None, and changes nothing, for a folder without
@@ -149,8 +155,7 @@ def refresh_model_card(model_dir: str | Path) -> Path | None:
     model_dir = Path(model_dir)
     if not (model_dir / CARD).is_file():
         return None
-    state_file = model_dir / STATE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = read_state(model_dir)
     if "recipe" not in state:
         logger.warning("%s does not name the recipe it was exported by: its model card is left as it is", model_dir)
         return None
@@ -159,17 +164,16 @@ def refresh_model_card(model_dir: str | Path) -> Path | None:
 
 def exported_step(model_dir: str | Path) -> int:
     """The trained step of a folder `mmgen train` exported; a clear error for any other folder."""
-    state_file = Path(model_dir) / STATE
-    if not state_file.is_file():
+    state = read_state(model_dir)
+    if not state:
         raise ValueError(f"{model_dir} has no {STATE}: it is not a folder `mmgen train` exported")
-    return json.loads(state_file.read_text())["step"]
+    return state["step"]
 
 
 def trained_text_forms(model_dir: str | Path) -> dict[str, float]:
     """The ShapesWorld text forms (`config.TEXT_FORMS`) the folder's model was trained to write; none (plain
     text) for a folder whose export did not keep them."""
-    state_file = Path(model_dir) / STATE
-    return json.loads(state_file.read_text()).get("text_forms", {}) if state_file.is_file() else {}
+    return read_state(model_dir).get("text_forms", {})
 
 
 def record_shapesbench(model_dir: str | Path, summary: dict, seed: int) -> Path:
