@@ -189,6 +189,12 @@ class TrainArguments:
         metadata={"help": "Share of ShapesWorld image-to-text answers that first write the plan of the picture they "
                           "read (each object with its colour and cell), then answer (see ShapesWorld)."},
     )
+    plan_lookups: float = field(
+        default=0.0,
+        metadata={"help": "Share of those planned answers given the plan in the prompt and no picture, so that the "
+                          "answer is learnt as a lookup in the plan (see ShapesWorld). Not a form the model writes: "
+                          "recipes that train on the model's text leave it out."},
+    )
     trainable_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Name prefixes of the parameters this stage trains, e.g. [image_modules.flow_head]; the "

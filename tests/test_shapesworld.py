@@ -437,6 +437,22 @@ def test_reading_plans_name_every_object_left_to_right_before_an_answer_the_scor
     assert score(sample.spec, [Text(wrong)])["correct"] == 0.0, "a plan does not make a wrong answer right"
 
 
+def test_plan_lookups_give_the_plan_in_place_of_the_picture_and_leave_the_answer_to_learn():
+    planned, lookups = ShapesWorld(seed=8, reading_plans=1.0), ShapesWorld(seed=8, reading_plans=1.0, plan_lookups=1.0)
+    for i in range(20):
+        sample, lookup = (w.sample_at(i, task="i2t") for w in (planned, lookups))
+        assert lookup.spec == sample.spec
+        assert not any(isinstance(s, Image) for s in lookup.prompt), "no picture to read the answer from"
+        plan, answer = sample.answer[0].text.split(". ", 1)
+        assert [s.text for s in lookup.prompt] == [sample.prompt[1].text.lstrip(), plan + "."]
+        assert [s.text for s in lookup.answer] == [" " + answer], "only the answer is learnt"
+    half = ShapesWorld(seed=8, reading_plans=1.0, plan_lookups=0.5)
+    pictured = [isinstance(half.sample_at(i, task="i2t").prompt[0], Image) for i in range(200)]
+    assert 60 < sum(pictured) < 140
+    assert ShapesWorld(seed=8, reading_plans=1.0, plan_lookups=0.0).sample_at(3, task="i2t").answer == \
+        planned.sample_at(3, task="i2t").answer
+
+
 def test_world_rejects_bad_arguments_with_clear_errors():
     world = ShapesWorld(seed=0)
     with pytest.raises(ValueError, match="ordered_layouts must be a share in"):
@@ -447,6 +463,8 @@ def test_world_rejects_bad_arguments_with_clear_errors():
         ShapesWorld(seed=0, story_plans=2)
     with pytest.raises(ValueError, match="reading_plans must be a share in"):
         ShapesWorld(seed=0, reading_plans=1.01)
+    with pytest.raises(ValueError, match="plan_lookups must be a share in"):
+        ShapesWorld(seed=0, plan_lookups=-1)
     with pytest.raises(ValueError, match="unknown task"):
         world.sample(task="video")
     with pytest.raises(ValueError, match="unknown category"):

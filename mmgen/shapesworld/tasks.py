@@ -105,10 +105,15 @@ class ShapesWorld:
     colour the star has, what is left of what, or how many squares there are, is then read off text the
     backbone has just written. The scorer reads the answer past the plan. At 0 (ShapesBench) the samples are
     unchanged.
+
+    `plan_lookups` is the share of those planned answers whose picture is left out and whose plan is given in the
+    prompt instead, where the planned answer would write it: the tokens are the same but for the picture's, and
+    only the answer is learnt. A model that reads its plans right can still answer from the picture and ignore
+    them; without a picture, the answer can only be looked up in the plan by the asked word.
     """
 
     def __init__(self, seed: int, size: int = 64, ordered_layouts: float = 0.0, layout_plans: float = 0.0,
-                 story_plans: float = 0.0, reading_plans: float = 0.0):
+                 story_plans: float = 0.0, reading_plans: float = 0.0, plan_lookups: float = 0.0):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(size, int) or size < 16:
@@ -117,12 +122,14 @@ class ShapesWorld:
         self.check_share("layout_plans", layout_plans)
         self.check_share("story_plans", story_plans)
         self.check_share("reading_plans", reading_plans)
+        self.check_share("plan_lookups", plan_lookups)
         self.seed = seed
         self.size = size
         self.ordered_layouts = float(ordered_layouts)
         self.layout_plans = float(layout_plans)
         self.story_plans = float(story_plans)
         self.reading_plans = float(reading_plans)
+        self.plan_lookups = float(plan_lookups)
         self._next = 0
 
     # -- public API -------------------------------------------------------------------------
@@ -366,7 +373,10 @@ class ShapesWorld:
             **extra,
         }
         if self.reading_plans > 0 and rng.random() < self.reading_plans:
-            answer = lang.layout_plan([scene.objects[i] for i in lang.reading_order(scene)]) + " " + answer
+            plan = lang.layout_plan([scene.objects[i] for i in lang.reading_order(scene)])
+            if self.plan_lookups > 0 and rng.random() < self.plan_lookups:
+                return Sample("i2t", category, [Text(question), _spaced(plan)], [_spaced(answer)], spec)
+            answer = plan + " " + answer
         return Sample("i2t", category, [self._image(scene), _spaced(question)], [_spaced(answer)], spec)
 
     # -- stories ----------------------------------------------------------------------------
