@@ -98,15 +98,14 @@ class ShapesWorldData:
         self.category_weights = args.category_weights
         if self.category_weights:
             ShapesWorld.check_category_weights(self.category_weights)
-        self.text_forms = text_forms(args)
-        for name, share in {**self.text_forms, "plan_lookups": args.plan_lookups}.items():
+        # How the world writes its text; plan lookups are trained, not written, so they are no text form.
+        self.world_options = {**text_forms(args), "plan_lookups": args.plan_lookups}
+        for name, share in self.world_options.items():
             ShapesWorld.check_share(name, share)
 
     def batch(self, step: int, micro: int = 0) -> PackedBatch:
         seed = batch_seed(self.args.seed, step, micro, self.process_index)
-        world = self.world_cls(
-            seed=seed, size=self.image_size, plan_lookups=self.args.plan_lookups, **self.text_forms
-        )
+        world = self.world_cls(seed=seed, size=self.image_size, **self.world_options)
         rng = random.Random(seed)
         pairs = []
         for _ in range(self.args.batch_size):
