@@ -156,6 +156,12 @@ class TrainArguments:
                           "and counting prompts right more often, and on an earlier stage single objects less "
                           "often."},
     )
+    text_loss_per: str = field(
+        default="token",
+        metadata={"help": "token | sample. 'token' averages the text loss over every target token of the batch, so "
+                          "a sample weighs as much as it has targets; 'sample' averages each sample over its own "
+                          "targets first, so that a two-token answer counts as much as a long story."},
+    )
     drop_text_prob: float = 0.1
     drop_image_prob: float = 0.1
     compression_levels: list[str] = field(

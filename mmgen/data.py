@@ -78,7 +78,8 @@ class BatchBuilder:
                 if span.num_queries and rng.random() < args.drop_text_prob:
                     span.drop_text = True
             encoded.append(enc)
-        return pack_sequences(encoded, args.max_length, self.codec.ids.pad)
+        return pack_sequences(encoded, args.max_length, self.codec.ids.pad,
+                              weigh_samples_equally=args.text_loss_per == "sample")
 
 
 class ShapesWorldData:

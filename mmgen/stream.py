@@ -345,6 +345,8 @@ class PackedBatch:
     # Images outside the sequences, with a class per patch token (TrainArguments.patch_label_weight).
     patch_latents: torch.Tensor | None = None  # (K, C, h, w)
     patch_labels: torch.Tensor | None = None  # (K, N)
+    # Weight of each label in the text loss; None weighs every label alike.
+    label_weights: torch.Tensor | None = None  # (B, L)
 
     def to(self, device) -> PackedBatch:
         return PackedBatch(
@@ -357,11 +359,14 @@ class PackedBatch:
             latents=[lat.to(device) for lat in self.latents],
             patch_latents=None if self.patch_latents is None else self.patch_latents.to(device),
             patch_labels=None if self.patch_labels is None else self.patch_labels.to(device),
+            label_weights=None if self.label_weights is None else self.label_weights.to(device),
         )
 
 
-def pack_sequences(sequences: Sequence[EncodedSequence], max_length: int, pad_id: int) -> PackedBatch:
-    """Pack sequences first-fit into rows of at most `max_length` tokens, with no attention across them."""
+def pack_sequences(sequences: Sequence[EncodedSequence], max_length: int, pad_id: int,
+                   weigh_samples_equally: bool = False) -> PackedBatch:
+    """Pack sequences first-fit into rows of at most `max_length` tokens, with no attention across them.
+    With `weigh_samples_equally`, each sequence's labels share one unit of weight in the text loss."""
     rows: list[list[EncodedSequence]] = []
     fill: list[int] = []
     for seq in sorted(sequences, key=len, reverse=True):
@@ -381,6 +386,7 @@ def pack_sequences(sequences: Sequence[EncodedSequence], max_length: int, pad_id
     position_ids = torch.zeros((n, length), dtype=torch.long)
     modality = torch.full((n, length), TEXT, dtype=torch.long)
     labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    label_weights = torch.zeros((n, length)) if weigh_samples_equally else None
     masks = []
     spans: list[tuple[int, ImageSpan]] = []
     latents: list[torch.Tensor] = []
@@ -395,6 +401,9 @@ def pack_sequences(sequences: Sequence[EncodedSequence], max_length: int, pad_id
             position_ids[r, sl] = seq.position_ids
             modality[r, sl] = seq.modality
             labels[r, sl] = seq.labels
+            if label_weights is not None:
+                targets = seq.labels != IGNORE_INDEX
+                label_weights[r, sl] = targets / max(1, int(targets.sum()))
             doc_ids[sl] = d
             local_ids = image_ids_of(seq)
             image_ids[sl] = torch.where(local_ids >= 0, local_ids + len(latents), -1)
@@ -419,4 +428,5 @@ def pack_sequences(sequences: Sequence[EncodedSequence], max_length: int, pad_id
         attention_mask=torch.stack(masks)[:, None],
         spans=spans,
         latents=latents,
+        label_weights=label_weights,
     )

@@ -159,6 +159,8 @@ class Trainer:
         if len(shifts) not in (1, args.flow_repeats) or not all(shift > 0 for shift in shifts):
             raise ValueError(f"timestep_shift must be one shift > 0, or one per flow repeat ({args.flow_repeats}), "
                              f"got {shifts}")
+        if args.text_loss_per not in ("token", "sample"):
+            raise ValueError(f"text_loss_per must be token or sample, got {args.text_loss_per!r}")
         if not args.sampling_shift > 0:
             raise ValueError(f"sampling_shift must be > 0, got {args.sampling_shift}")
         self.model_args = model_args

@@ -157,6 +157,31 @@ def test_packed_sequence_gets_the_same_logits_as_alone(tokenizer):
     assert (packed.labels[0, offset : offset + n] == second.labels).all()
 
 
+def test_weighing_samples_equally_makes_the_text_loss_the_mean_of_each_sample_s_own(tokenizer):
+    """A short answer packed beside a long one counts as much as it; per token it would count by its length."""
+    from mmgen.image_tokenizer import ImageTokenizer
+    from mmgen.model import UnifiedModel
+
+    backbone = tiny_backbone("llama", tokenizer)
+    model = UnifiedModel(backbone, tiny_image_modules(), ImageTokenizer(tiny_vae(), image_size=16, patch_size=2)).eval()
+    codec = StreamCodec(tokenizer, num_queries=4)
+    long = codec.encode([Text("tell a story."), Text(" a red circle sits on the left. then it turns blue and "
+                                                     "moves to the right of a green star.")], [], answer_start=1)
+    short = codec.encode([Text("what colour is the circle?"), Text(" red.")], [], answer_start=1)
+    packed = pack_sequences([long, short], max_length=256, pad_id=codec.ids.pad, weigh_samples_equally=True)
+    assert packed.input_ids.shape[0] == 1, "both sequences share one row"
+    assert torch.allclose(packed.label_weights.sum(), torch.tensor(2.0))
+    assert ((packed.label_weights > 0) == (packed.labels != IGNORE_INDEX)).all()
+    with torch.no_grad():
+        equal = model(packed).text_loss
+        per_token = model(pack_sequences([long, short], max_length=256, pad_id=codec.ids.pad)).text_loss
+        alone = [model(pack_sequences([seq], max_length=256, pad_id=codec.ids.pad)).text_loss for seq in (long, short)]
+    n_long, n_short = (int((seq.labels != IGNORE_INDEX).sum()) for seq in (long, short))
+    assert n_long > 4 * n_short
+    torch.testing.assert_close(equal, (alone[0] + alone[1]) / 2)
+    torch.testing.assert_close(per_token, (n_long * alone[0] + n_short * alone[1]) / (n_long + n_short))
+
+
 def test_text_tokens_are_text_modality(tokenizer):
     codec = StreamCodec(tokenizer, num_queries=1)
     enc = codec.encode([Text("a square.")], [])

@@ -182,7 +182,7 @@ def test_bad_configs_are_rejected_with_clear_messages(tmp_path, vae_dir):
         Trainer(*parse_config((ModelArguments, TrainArguments), config))
     for option, value in (("timestep_shift", 0.0), ("timestep_shift", [1.0, 2.0, 3.0]), ("sampling_shift", -1.0),
                           ("ordered_layouts", 1.5), ("layout_plans", 2.0), ("story_plans", -0.5),
-                          ("reading_plans", 3.0), ("plan_lookups", 1.5)):
+                          ("reading_plans", 3.0), ("plan_lookups", 1.5), ("text_loss_per", "batch")):
         config = write_config(tmp_path, vae_dir, max_steps=2, **{option: value})
         with pytest.raises(ValueError, match=option):
             Trainer(*parse_config((ModelArguments, TrainArguments), config))
