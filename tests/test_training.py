@@ -21,6 +21,7 @@ from mmgen.config import ModelArguments, TrainArguments, parse_config
 from mmgen.model import RESAMPLER_PREFIX, cosine_with_warmup
 from mmgen.model_card import record_shapesbench, trained_text_forms
 from mmgen.pipelines import MMGenPipeline
+from mmgen.stream import IGNORE_INDEX
 from mmgen.train_resampler import with_resampler
 from mmgen.training import Trainer, draw_like
 
@@ -210,6 +211,18 @@ def test_ordered_layouts_reach_the_data_and_timestep_shift_draws_flow_times_towa
     # One shift per repeat: each repeat is a block of the batch's pictures.
     plain, shifted, per_repeat = (t.view(4, -1) for t in (plain, shifted, per_repeat))
     assert torch.equal(per_repeat[0::2], plain[0::2]) and torch.allclose(per_repeat[1::2], shifted[1::2])
+
+
+def test_text_loss_per_sample_reaches_the_batches(tmp_path, vae_dir):
+    """With `text_loss_per: sample` every sample of a batch that has text targets carries one unit of weight."""
+    batches = {}
+    for per in ("token", "sample"):
+        config = write_config(tmp_path, vae_dir, max_steps=1, text_loss_per=per, task_weights={"i2t": 1.0})
+        batches[per] = Trainer(*parse_config((ModelArguments, TrainArguments), config)).data.batch(0)
+    assert batches["token"].label_weights is None
+    weights, labels = batches["sample"].label_weights, batches["sample"].labels
+    assert ((weights > 0) == (labels != IGNORE_INDEX)).all()
+    assert weights.sum().item() == pytest.approx(TINY_TRAIN["batch_size"])
 
 
 def test_yaml_words_no_and_off_keep_their_meaning_in_a_config(tmp_path):
