@@ -427,12 +427,13 @@ class UnifiedModel(nn.Module):
         targets = batch.labels
         picked = targets != IGNORE_INDEX
         n_text = int(picked.sum())
-        if n_text and batch.label_weights is not None:
+        if n_text:
             losses = F.cross_entropy(self.logits(hidden[picked]), targets[picked], reduction="none")
-            weights = batch.label_weights[picked].to(losses.dtype)
-            text_loss = (losses * weights).sum() / weights.sum()
-        elif n_text:
-            text_loss = F.cross_entropy(self.logits(hidden[picked]), targets[picked])
+            if batch.label_weights is None:
+                text_loss = losses.mean()
+            else:
+                weights = batch.label_weights[picked].to(losses.dtype)
+                text_loss = (losses * weights).sum() / weights.sum()
         else:
             text_loss = hidden.sum() * 0.0
         generated = [(row, span) for row, span in batch.spans if span.num_queries]
