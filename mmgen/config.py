@@ -14,7 +14,8 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 # The TrainArguments shares that decide how ShapesWorld writes its text (plans before pictures and answers, layouts
 # in prompt order). An export keeps them, so recipes that later train on the model's text (the learned
 # resampler) write it in the form the model learnt.
-TEXT_FORMS = ("ordered_layouts", "layout_plans", "story_plans", "reading_plans")
+TEXT_FORMS = ("ordered_layouts", "layout_plans", "story_plans", "named_story_plans", "reading_plans",
+              "worked_answers")
 
 
 def text_forms(args) -> dict[str, float]:
@@ -190,10 +191,20 @@ class TrainArguments:
         metadata={"help": "Share of ShapesWorld stories that write a layout plan of the whole scene after each step's "
                           "sentence, before its picture (see ShapesWorld)."},
     )
+    named_story_plans: float = field(
+        default=0.0,
+        metadata={"help": "Share of those planned stories whose plans list the objects in the order the first "
+                          "sentence names them, as a text-to-image plan does (see ShapesWorld)."},
+    )
     reading_plans: float = field(
         default=0.0,
         metadata={"help": "Share of ShapesWorld image-to-text answers that first write the plan of the picture they "
                           "read (each object with its colour and cell), then answer (see ShapesWorld)."},
+    )
+    worked_answers: float = field(
+        default=0.0,
+        metadata={"help": "Share of planned ShapesWorld answers to count, 'is there' and 'where' questions that "
+                          "copy the plan entries they need before answering (see ShapesWorld)."},
     )
     plan_lookups: float = field(
         default=0.0,

@@ -453,6 +453,95 @@ def test_plan_lookups_give_the_plan_in_place_of_the_picture_and_leave_the_answer
         planned.sample_at(3, task="i2t").answer
 
 
+def _entry_object(entry: str) -> ObjSpec:
+    """A plan entry ('red circle b3') as the description of its object: its shape and colour."""
+    color, shape, _ = entry.split()
+    return ObjSpec(shape, color)
+
+
+def test_named_story_plans_follow_the_first_sentence_and_keep_that_order_through_the_story():
+    """The first plan lists the objects as the first sentence names them, as a text→image plan does; each later
+    plan keeps that order, drops a removed object's entry and puts an added one last. Only the plans differ."""
+    from mmgen.layout import without_plans
+    from mmgen.shapesworld import score_story
+
+    placed, named = ShapesWorld(seed=5, story_plans=1.0), ShapesWorld(seed=5, story_plans=1.0, named_story_plans=1.0)
+    reordered = 0
+    for i in range(40):
+        sample, before = named.sample_at(i, task="story"), placed.sample_at(i, task="story")
+        assert sample.spec == before.spec and [without_plans(t.text) for t in sample.answer[::2]] == \
+            [without_plans(t.text) for t in before.answer[::2]]
+        plans = [t.text[len(without_plans(t.text)):].strip().rstrip(".").split(", ") for t in sample.answer[::2]]
+        stated = lang.parse_caption(sample.spec["texts"][0]).objects
+        assert [" ".join(entry.split()[:2]) for entry in plans[0]] == [f"{o.color} {o.shape}" for o in stated]
+        for k, (plan, change) in enumerate(zip(plans[1:], sample.spec["changes"])):
+            kept = [e for e in plans[k] if not ObjSpec.from_dict(change["target"]).matches(_entry_object(e))]
+            scene = [Obj.from_dict(o) for o in sample.spec["scenes"][k + 1]]
+            assert sorted(plan) == sorted(lang.layout_plan(scene).rstrip(".").split(", "))
+            if change["kind"] == "remove":
+                assert plan == kept
+            if change["kind"] == "add":
+                assert plan[:-1] == plans[k] and plan[-1] not in plans[k]
+        assert score_story(sample.spec, sample.answer)["consistency"] == 1.0
+        reordered += sample.answer[0].text != before.answer[0].text
+    assert reordered >= 10, "first sentences often name the objects in another order than they were placed"
+    assert ShapesWorld(seed=5, story_plans=1.0, named_story_plans=0.0).sample_at(7, task="story").answer[2].text == \
+        placed.sample_at(7, task="story").answer[2].text
+
+
+@pytest.mark.parametrize("category", ["shape_qa", "count_qa", "position_qa"])
+def test_worked_answers_copy_the_entries_a_question_needs_and_the_scorer_reads_past_them(category):
+    """Count, 'is there' and 'where' answers copy the matching entries, or the asked object's and the anchor's,
+    between the plan and the answer; 'how many shapes' and the other questions answer as before."""
+    from mmgen.layout import without_plans
+    from mmgen.shapesworld import score
+
+    planned = ShapesWorld(seed=6, reading_plans=1.0)
+    worked = ShapesWorld(seed=6, reading_plans=1.0, worked_answers=1.0)
+    kinds = set()
+    for i in range(60):
+        before, sample = (w.sample_at(i, task="i2t", category=category) for w in (planned, worked))
+        assert sample.spec == before.spec and sample.prompt[1].text == before.prompt[1].text
+        plan, rest = before.answer[0].text.split(". ", 1)
+        text = sample.answer[0].text
+        assert text.startswith(plan + ". ") and text.endswith(" " + rest) and without_plans(text) == " " + rest
+        copied = text[len(plan) + 2 : len(text) - len(rest) - 1].rstrip(".").split(", ")
+        copied = [] if copied == [""] else copied
+        entries = plan.strip().split(", ")
+        question, spec = sample.prompt[1].text.strip(), sample.spec
+        if spec.get("kind") == "where":
+            kind = "where"
+            target, anchor = copied
+            column, row = ord(target[-2]) - ord(anchor[-2]), int(target[-1]) - int(anchor[-1])
+            wanted = {"left of": column < 0, "right of": column > 0, "above": row < 0, "below": row > 0}
+            assert wanted[spec["relation"]] or abs(column) == abs(row), "the relation is read off the two cells"
+            assert _entry_object(anchor).matches(Obj.from_dict(spec["anchor"])) and anchor in entries
+            assert target in entries and target != anchor
+        elif spec.get("kind") == "presence":
+            kind = "presence"
+            asked = question.removeprefix("is there ").removeprefix("do you see ")
+            asked = lang.parse_object(asked.removesuffix("?").removesuffix(" in the picture"))
+            assert copied == [e for e in entries if asked.matches(_entry_object(e))], "every match, in order"
+            assert rest == ("yes." if copied else "no.")
+        elif category == "count_qa" and question.split()[2] in ("shapes", "objects"):
+            kind = "all"
+            assert text == before.answer[0].text, "the plan already lists what is counted"
+        elif category == "count_qa":
+            kind = "count"
+            word = question.split()[2]
+            expected = [e for e in entries if word in (e.split()[0], lang.PLURALS[e.split()[1]])]
+            assert copied == expected and rest == f"{lang.count_word(len(copied))}.", "every match, in order"
+        else:
+            kind = "other"
+            assert text == before.answer[0].text
+        kinds.add(kind)
+        assert score(spec, sample.answer)["correct"] == 1.0
+    assert kinds == {"shape_qa": {"presence", "other"}, "count_qa": {"all", "count"},
+                     "position_qa": {"where", "other"}}[category]
+    assert ShapesWorld(seed=6, reading_plans=1.0, worked_answers=0.0).sample_at(4, task="i2t").answer == \
+        planned.sample_at(4, task="i2t").answer
+
+
 def test_world_rejects_bad_arguments_with_clear_errors():
     world = ShapesWorld(seed=0)
     with pytest.raises(ValueError, match="ordered_layouts must be a share in"):
@@ -465,6 +554,10 @@ def test_world_rejects_bad_arguments_with_clear_errors():
         ShapesWorld(seed=0, reading_plans=1.01)
     with pytest.raises(ValueError, match="plan_lookups must be a share in"):
         ShapesWorld(seed=0, plan_lookups=-1)
+    with pytest.raises(ValueError, match="named_story_plans must be a share in"):
+        ShapesWorld(seed=0, named_story_plans=1.2)
+    with pytest.raises(ValueError, match="worked_answers must be a share in"):
+        ShapesWorld(seed=0, worked_answers=-0.5)
     with pytest.raises(ValueError, match="unknown task"):
         world.sample(task="video")
     with pytest.raises(ValueError, match="unknown category"):

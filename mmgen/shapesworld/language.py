@@ -95,8 +95,11 @@ def reading_order(scene: Scene) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def describe_scene(scene: Scene, rng: random.Random | None = None, size_prob: float = 0.0) -> str:
-    """The body of a caption, without final period: 'a red circle left of a blue square'.
+def describe_scene(
+    scene: Scene, rng: random.Random | None = None, size_prob: float = 0.0
+) -> tuple[str, list[int]]:
+    """The body of a caption, without final period ('a red circle left of a blue square'), and the indices
+    of the scene's objects in the order it names them.
 
     Two-object scenes state their relation when it is unambiguous; larger scenes list their objects.
     `size_prob` is the chance of naming an object's size (only with an rng).
@@ -111,23 +114,30 @@ def describe_scene(scene: Scene, rng: random.Random | None = None, size_prob: fl
     if len(scene) == 2:
         a, b = (scene.objects[i] for i in order)
         if is_clear(a, b) and (rng is None or rng.random() < 0.85):
-            return f"{phrases[0]} {relation_phrase(relation(a, b), rng)} {phrases[1]}"
-    return _join(phrases)
+            return f"{phrases[0]} {relation_phrase(relation(a, b), rng)} {phrases[1]}", order
+    return _join(phrases), order
 
 
 def caption(scene: Scene, rng: random.Random | None = None, size_prob: float = 0.2) -> str:
     """A full caption sentence. Without an rng: the canonical form ('a red circle left of a blue square.')."""
-    body = describe_scene(scene, rng, size_prob if rng is not None else 0.0)
+    return naming_caption(scene, rng, size_prob)[0]
+
+
+def naming_caption(
+    scene: Scene, rng: random.Random | None = None, size_prob: float = 0.2
+) -> tuple[str, list[int]]:
+    """`caption`, and the indices of the scene's objects in the order the caption names them."""
+    body, order = describe_scene(scene, rng, size_prob if rng is not None else 0.0)
     n = len(scene)
     if rng is None:
-        return body + "."
+        return body + ".", order
     if n == 1:
         forms = ["{b}.", "there is {b}.", "a picture of {b}.", "an image of {b}.", "{b} on a plain background."]
         if body.startswith("a "):
             forms.append("one " + body[2:] + ".")
-        return rng.choice(forms).format(b=body)
+        return rng.choice(forms).format(b=body), order
     forms = ["{b}.", "there are {n} shapes: {b}.", "{n} shapes: {b}.", "a picture of {b}.", "{n} objects: {b}."]
-    return rng.choice(forms).format(b=body, n=count_word(n))
+    return rng.choice(forms).format(b=body, n=count_word(n)), order
 
 
 def change_sentence(change: Change, rng: random.Random | None = None, imperative: bool = False) -> str:

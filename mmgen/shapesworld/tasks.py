@@ -75,6 +75,28 @@ def _spaced(sentence: str) -> Text:
     return Text(" " + sentence)
 
 
+def _read(scene: Scene) -> list:
+    """The scene's objects in the order a reading plan lists them: left to right."""
+    return [scene.objects[i] for i in lang.reading_order(scene)]
+
+
+def _plan_orders(scenes: Sequence[Scene], changes: Sequence[Change], named: Sequence[int]) -> list[list[int]]:
+    """Each story scene's object indices in plan order: the start's objects in the order `named` gives,
+    then the objects added later, as they came. A change keeps the other objects' order (`Change.apply`)."""
+    rank = {start: k for k, start in enumerate(named)}
+    ids = list(range(len(scenes[0])))  # each object's start index, or a new number for an added one
+    orders = []
+    for k, scene in enumerate(scenes):
+        if k > 0:
+            change = changes[k - 1]
+            if change.kind == "remove":
+                del ids[scenes[k - 1].resolve(change.target)]
+            elif change.kind == "add":
+                ids.append(len(scenes[0]) + k)
+        orders.append(sorted(range(len(scene)), key=lambda i: rank.get(ids[i], ids[i])))
+    return orders
+
+
 class ShapesWorld:
     """A seeded source of ShapesWorld samples.
 
@@ -99,6 +121,11 @@ class ShapesWorld:
     and copies the rest, which a language model does well, and a flow head with a plan input draws each object
     where the plan keeps it. At 0 (ShapesBench) the samples are unchanged.
 
+    `named_story_plans` is the share of those planned stories whose plans list the objects in the order the
+    first sentence names them, with objects added later after them; the others list them in the order they
+    were placed. The first plan is then written the way a text→image plan is, from the words in front of it
+    ("a star above a circle." then the star's entry, then the circle's), not in an order no text shows.
+
     `reading_plans` is the share of image→text answers that first write the plan of the picture they read: every
     object, left to right, with its colour and cell, then the answer ("blue star c6, orange square a1. blue.").
     Naming each object with the cell under it is what the image tokens, one per cell, show most directly; which
@@ -110,10 +137,18 @@ class ShapesWorld:
     prompt instead, where the planned answer would write it: the tokens are the same but for the picture's, and
     only the answer is learnt. A model that reads its plans right can still answer from the picture and ignore
     them; without a picture, the answer can only be looked up in the plan by the asked word.
+
+    `worked_answers` is the share of planned answers to "how many ...", "is there ..." and "where is ..."
+    questions (all but "how many shapes") that copy the plan entries the question needs before answering: the
+    matching objects ("purple circle e6, red circle g2. two."; none before a "no."), or the asked object and
+    its anchor ("blue circle b5, red star e5. left of the star."). What is left to learn is to count the
+    entries of a short list, or to read a relation off two cells side by side. The scorer reads past these
+    entries as it reads past plans.
     """
 
     def __init__(self, seed: int, size: int = 64, ordered_layouts: float = 0.0, layout_plans: float = 0.0,
-                 story_plans: float = 0.0, reading_plans: float = 0.0, plan_lookups: float = 0.0):
+                 story_plans: float = 0.0, reading_plans: float = 0.0, plan_lookups: float = 0.0,
+                 named_story_plans: float = 0.0, worked_answers: float = 0.0):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(size, int) or size < 16:
@@ -123,6 +158,8 @@ class ShapesWorld:
         self.check_share("story_plans", story_plans)
         self.check_share("reading_plans", reading_plans)
         self.check_share("plan_lookups", plan_lookups)
+        self.check_share("named_story_plans", named_story_plans)
+        self.check_share("worked_answers", worked_answers)
         self.seed = seed
         self.size = size
         self.ordered_layouts = float(ordered_layouts)
@@ -130,6 +167,8 @@ class ShapesWorld:
         self.story_plans = float(story_plans)
         self.reading_plans = float(reading_plans)
         self.plan_lookups = float(plan_lookups)
+        self.named_story_plans = float(named_story_plans)
+        self.worked_answers = float(worked_answers)
         self._next = 0
 
     # -- public API -------------------------------------------------------------------------
@@ -303,6 +342,7 @@ class ShapesWorld:
 
     def _i2t(self, rng: random.Random, category: str) -> Sample:
         extra: dict = {}
+        needed: list | None = None  # the plan entries a worked answer copies, in its order (None: not worked)
         if category == "caption":
             scene = random_scene(rng)
             question, answer = lang.caption_question(rng), lang.caption(scene)
@@ -329,6 +369,7 @@ class ShapesWorld:
                     spec_obj = ObjSpec(rng.choice([s for s in SHAPES if s not in {o.shape for o in scene.objects}]))
                 question, answer = lang.presence_question(spec_obj, present, rng)
                 extra["kind"] = "presence"
+                needed = [o for o in _read(scene) if spec_obj.matches(o)]
             else:
                 while True:
                     colors = [o.color for o in scene.objects]
@@ -347,12 +388,12 @@ class ShapesWorld:
                 question, answer = lang.count_question(len(scene), rng=rng)
             elif mode == "shape":
                 shape = rng.choice(scene.objects).shape
-                n = sum(o.shape == shape for o in scene.objects)
-                question, answer = lang.count_question(n, shape=shape, rng=rng)
+                needed = [o for o in _read(scene) if o.shape == shape]
+                question, answer = lang.count_question(len(needed), shape=shape, rng=rng)
             else:
                 color = rng.choice(scene.objects).color
-                n = sum(o.color == color for o in scene.objects)
-                question, answer = lang.count_question(n, color=color, rng=rng)
+                needed = [o for o in _read(scene) if o.color == color]
+                question, answer = lang.count_question(len(needed), color=color, rng=rng)
         else:  # position_qa: two objects, so that the relation is unique and clear
             scene = random_scene(rng, n_objects=2)
             i = rng.randrange(2)
@@ -364,6 +405,7 @@ class ShapesWorld:
             else:
                 question, answer = lang.where_question(scene.reference(i), rel, scene.reference(1 - i), rng)
                 extra.update(kind="where", relation=rel, anchor=b.to_dict())
+                needed = [a, b]
         spec = {
             "task": "i2t",
             "category": category,
@@ -373,8 +415,11 @@ class ShapesWorld:
             **extra,
         }
         if self.reading_plans > 0 and rng.random() < self.reading_plans:
-            plan = lang.layout_plan([scene.objects[i] for i in lang.reading_order(scene)])
-            if self.plan_lookups > 0 and rng.random() < self.plan_lookups:
+            plan = lang.layout_plan(_read(scene))
+            lookup = self.plan_lookups > 0 and rng.random() < self.plan_lookups
+            if needed is not None and self.worked_answers > 0 and rng.random() < self.worked_answers:
+                answer = (lang.layout_plan(needed) + " " if needed else "") + answer
+            if lookup:
                 return Sample("i2t", category, [Text(question), _spaced(plan)], [_spaced(answer)], spec)
             answer = plan + " " + answer
         return Sample("i2t", category, [self._image(scene), _spaced(question)], [_spaced(answer)], spec)
@@ -402,7 +447,8 @@ class ShapesWorld:
     def _story(self, rng: random.Random, category: str) -> Sample:
         n_steps = rng.randint(2, MAX_STEPS)
         scenes, changes = self._story_scenes(rng, n_steps - 1)
-        texts = [lang.caption(scenes[0], rng)] + [lang.story_step(c, rng) for c in changes]
+        first, named = lang.naming_caption(scenes[0], rng)
+        texts = [first] + [lang.story_step(c, rng) for c in changes]
         start = lang.parse_caption(texts[0])
         if category == "given":
             head = rng.choice(["a story in {n} pictures:", "tell this story in {n} pictures:"])
@@ -417,9 +463,13 @@ class ShapesWorld:
                 prompt = f"tell a story in {lang.count_word(n_steps)} pictures about {about}."
             start = SceneSpec(tuple(ObjSpec(o.shape, o.color) for o in scenes[0].objects))
         planned = self.story_plans > 0 and rng.random() < self.story_plans
+        if planned and self.named_story_plans > 0 and rng.random() < self.named_story_plans:
+            orders = _plan_orders(scenes, changes, named)
+        else:
+            orders = [range(len(scene)) for scene in scenes]
         answer: list[Segment] = []
-        for text, scene in zip(texts, scenes):
-            plan = " " + lang.layout_plan(scene.objects) if planned else ""
+        for text, scene, order in zip(texts, scenes, orders):
+            plan = " " + lang.layout_plan([scene.objects[i] for i in order]) if planned else ""
             answer += [_spaced(text + plan), self._image(scene)]
         spec = {
             "task": "story",
