@@ -493,9 +493,14 @@ def test_named_story_plans_follow_the_first_sentence_and_keep_that_order_through
 def test_worked_answers_copy_the_entries_a_question_needs_and_the_scorer_reads_past_them(category):
     """Count, 'is there' and 'where' answers copy the matching entries, or the asked object's and the anchor's,
     between the plan and the answer; 'how many shapes' and the other questions answer as before."""
+    from transformers import AutoTokenizer
+
+    from mmgen.config import DEFAULT_MODEL_DIR
+    from mmgen.evals.shapesbench import GENERATION_LIMITS
     from mmgen.layout import without_plans
     from mmgen.shapesworld import score
 
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "tokenizer")
     planned = ShapesWorld(seed=6, reading_plans=1.0)
     worked = ShapesWorld(seed=6, reading_plans=1.0, worked_answers=1.0)
     kinds = set()
@@ -536,6 +541,7 @@ def test_worked_answers_copy_the_entries_a_question_needs_and_the_scorer_reads_p
             assert text == before.answer[0].text
         kinds.add(kind)
         assert score(spec, sample.answer)["correct"] == 1.0
+        assert len(tokenizer(text)["input_ids"]) < GENERATION_LIMITS["i2t"][0], "it fits ShapesBench's limit"
     assert kinds == {"shape_qa": {"presence", "other"}, "count_qa": {"all", "count"},
                      "position_qa": {"where", "other"}}[category]
     assert ShapesWorld(seed=6, reading_plans=1.0, worked_answers=0.0).sample_at(4, task="i2t").answer == \
