@@ -57,8 +57,8 @@ SETTINGS_FILE = "settings.json"
 # (max_new_tokens, max_images) per task; a story's image limit is its number of pictures (see `_limits`).
 GENERATION_LIMITS: dict[str, tuple[int, int | None]] = {
     "t2i": (24, 1),
-    # room for a plan of the picture and the entries a worked answer copies (ShapesWorld, reading_plans,
-    # worked_answers) before the answer
+    # room for a plan of the picture, with its tallies or the entries a worked answer copies (ShapesWorld,
+    # reading_plans, tallied_answers, worked_answers), before the answer
     "i2t": (56, 0),
     "edit": (24, 1),
     "story": (160, None),

@@ -15,7 +15,7 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 # in prompt order). An export keeps them, so recipes that later train on the model's text (the learned
 # resampler) write it in the form the model learnt.
 TEXT_FORMS = ("ordered_layouts", "layout_plans", "story_plans", "named_story_plans", "reading_plans",
-              "worked_answers")
+              "worked_answers", "tallied_answers")
 
 
 def text_forms(args) -> dict[str, float]:
@@ -205,6 +205,12 @@ class TrainArguments:
         default=0.0,
         metadata={"help": "Share of planned ShapesWorld answers to count, 'is there' and 'where' questions that "
                           "copy the plan entries they need before answering (see ShapesWorld)."},
+    )
+    tallied_answers: float = field(
+        default=0.0,
+        metadata={"help": "Share of planned ShapesWorld answers to 'how many circles / red shapes' and 'is there' "
+                          "questions whose plan writes the running count after each matching entry, in place of a "
+                          "worked answer's copies (see ShapesWorld)."},
     )
     plan_lookups: float = field(
         default=0.0,

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 BOARD_COLUMNS = "abcdefgh"
 BOARD_SIZE = len(BOARD_COLUMNS)
 
-_CELL = re.compile(rf"(?<=\s)([{BOARD_COLUMNS}])([1-{BOARD_SIZE}])(?=[,.])")
+# An entry may end with one word after its cell, a running count of the entries a question asks about
+# ("blue square f3 one,").
+_TALLY = r"(?:\s[a-z]+)?"
+_CELL = re.compile(rf"(?<=\s)([{BOARD_COLUMNS}])([1-{BOARD_SIZE}])(?={_TALLY}[,.])")
 _BREAK = re.compile(r"[,.;:!?\n]")
-_ENTRY = rf"[^.,;:!?\n]*\s[{BOARD_COLUMNS}][1-{BOARD_SIZE}]"
+_ENTRY = rf"[^.,;:!?\n]*\s[{BOARD_COLUMNS}][1-{BOARD_SIZE}]{_TALLY}"
 _PLAN_SENTENCE = re.compile(rf"(?:^|(?<=[.?!]))(?:{_ENTRY},)*{_ENTRY}\.")
 
 
@@ -43,8 +46,9 @@ class PlanEntry:
 def plan_entries(pieces: Sequence[str]) -> list[PlanEntry]:
     """The plan entries in a text given as the strings of its tokens, in order.
 
-    An entry is a cell (a space, a column letter, a row digit, then ',' or '.') and the words before it back to
-    the previous punctuation or the start of the text. Its tokens are those that hold any of its characters."""
+    An entry is a cell (a space, a column letter, a row digit, then ',' or '.', or a tally word and one of them)
+    and the words before it back to the previous punctuation or the start of the text. Its tokens are those
+    that hold any of its characters (a tally is not one of them)."""
     ends = list(itertools.accumulate(len(piece) for piece in pieces))
     text = "".join(pieces)
     breaks = [0] + [b.end() for b in _BREAK.finditer(text)]

@@ -548,6 +548,65 @@ def test_worked_answers_copy_the_entries_a_question_needs_and_the_scorer_reads_p
         planned.sample_at(4, task="i2t").answer
 
 
+@pytest.mark.parametrize("category", ["shape_qa", "count_qa"])
+def test_tallied_answers_count_the_matches_in_the_plan_and_the_scorer_reads_past_them(category):
+    """'How many circles / red shapes' and 'is there' answers write the plan with the running count after each
+    match, then the count, or yes/no; a lookup answer writes that plan after the plain one in its prompt. Other
+    questions, and the rest of the sample, are as before; tallies take the place of worked copies."""
+    from transformers import AutoTokenizer
+
+    from mmgen.config import DEFAULT_MODEL_DIR
+    from mmgen.evals.shapesbench import GENERATION_LIMITS
+    from mmgen.layout import without_plans
+    from mmgen.shapesworld import score
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "tokenizer")
+    planned = ShapesWorld(seed=7, reading_plans=1.0, plan_lookups=0.5)
+    tallied = ShapesWorld(seed=7, reading_plans=1.0, plan_lookups=0.5, tallied_answers=1.0, worked_answers=1.0)
+    kinds, lookups = Counter(), 0
+    for i in range(80):
+        before, sample = (w.sample_at(i, task="i2t", category=category) for w in (planned, tallied))
+        assert sample.spec == before.spec and len(sample.prompt) == len(before.prompt)
+        lookup = not isinstance(sample.prompt[0], Image)
+        lookups += lookup
+        plan = sample.prompt[1].text.strip() if lookup else before.answer[0].text.split(". ", 1)[0].strip() + "."
+        rest = without_plans(before.answer[0].text).strip()
+        text = sample.answer[0].text.strip()
+        question = sample.prompt[0 if lookup else 1].text.strip()
+        spec = sample.spec
+        if spec.get("kind") == "presence":
+            asked = question.removeprefix("is there ").removeprefix("do you see ")
+            matches = lang.parse_object(asked.removesuffix("?").removesuffix(" in the picture")).matches
+        elif category == "count_qa" and question.split()[2] not in ("shapes", "objects"):
+            word = question.split()[2]
+            matches = lambda obj: word in (obj.color, lang.PLURALS[obj.shape])  # noqa: E731
+        else:
+            kinds["untallied"] += 1
+            assert text == before.answer[0].text.strip(), "other questions answer as before"
+            continue
+        written, answer = text.rsplit(" ", 1)
+        assert answer == rest and without_plans(text).strip() == rest
+        entries, tally = [], 0
+        for entry in written.rstrip(".").split(", "):
+            words = entry.split()
+            obj = _entry_object(" ".join(words[:3]))
+            if matches(obj):
+                tally += 1
+                assert words[3:] == [lang.count_word(tally)], f"a match gets the running count: {text}"
+            else:
+                assert len(words) == 3, f"only matches are counted: {text}"
+            entries.append(" ".join(words[:3]))
+        assert ", ".join(entries) + "." == plan, "the tallied plan is the picture's plan"
+        assert rest == (("yes." if tally else "no.") if spec.get("kind") == "presence" else f"{lang.count_word(tally)}.")
+        kinds["presence" if spec.get("kind") == "presence" else "count"] += 1
+        assert score(spec, sample.answer)["correct"] == 1.0
+        assert len(tokenizer(" " + text)["input_ids"]) < GENERATION_LIMITS["i2t"][0], "it fits ShapesBench's limit"
+    assert 10 < lookups < 70
+    assert set(kinds) == {"shape_qa": {"presence", "untallied"}, "count_qa": {"count", "untallied"}}[category]
+    assert ShapesWorld(seed=7, reading_plans=1.0, worked_answers=1.0, tallied_answers=0.0).sample_at(
+        4, task="i2t").answer == ShapesWorld(seed=7, reading_plans=1.0, worked_answers=1.0).sample_at(4, task="i2t").answer
+
+
 def test_world_rejects_bad_arguments_with_clear_errors():
     world = ShapesWorld(seed=0)
     with pytest.raises(ValueError, match="ordered_layouts must be a share in"):
@@ -564,6 +623,8 @@ def test_world_rejects_bad_arguments_with_clear_errors():
         ShapesWorld(seed=0, named_story_plans=1.2)
     with pytest.raises(ValueError, match="worked_answers must be a share in"):
         ShapesWorld(seed=0, worked_answers=-0.5)
+    with pytest.raises(ValueError, match="tallied_answers must be a share in"):
+        ShapesWorld(seed=0, tallied_answers=1.5)
     with pytest.raises(ValueError, match="unknown task"):
         world.sample(task="video")
     with pytest.raises(ValueError, match="unknown category"):

@@ -197,15 +197,21 @@ def test_hugging_face_tokenizers_is_not_shadowed_from_the_repo_root():
 
 
 def test_layout_plan_entries_are_read_back_from_token_pieces():
-    """An entry is a cell followed by ',' or '.', with the words back to the previous punctuation; its tokens are
-    counted back from the end of the text, and its cell becomes the centre of that board square."""
-    from mmgen.layout import PlanEntry, board_cell, plan_entries
+    """An entry is a cell followed by ',' or '.' (or by a tally and one of them), with the words back to the
+    previous punctuation; its tokens are counted back from the end of the text, and its cell becomes the centre of
+    that board square."""
+    from mmgen.layout import PlanEntry, board_cell, plan_entries, without_plans
 
     pieces = [" draw", " a", " red", " circle", ".", " red", " circle", " b", "4", ",", " blue", " square", " f", "3",
               ".", "<|image_start|>"]
     assert plan_entries(pieces) == [PlanEntry(first=-11, last=-8, x=1.5 / 8, y=3.5 / 8),
                                     PlanEntry(first=-6, last=-3, x=5.5 / 8, y=2.5 / 8)]
     assert plan_entries(["red", " circle", " a1", "."]) == [PlanEntry(first=-4, last=-2, x=0.5 / 8, y=0.5 / 8)]
+    # A tally after a cell (a counted entry) leaves the entry as it was; its word is not one of the entry's tokens.
+    tallied = [" red", " circle", " b", "4", " one", ",", " blue", " square", " f", "3", " two", "."]
+    assert plan_entries(tallied) == [PlanEntry(first=-12, last=-9, x=1.5 / 8, y=3.5 / 8),
+                                     PlanEntry(first=-6, last=-3, x=5.5 / 8, y=2.5 / 8)]
+    assert without_plans(" red circle b4 one, blue square f3. one.") == " one."
     for not_a_plan in ([" red", " circle", " b4"], [" b9", "."], [" i1", ","], [" ab4", ","], [" b", "4", "x"]):
         assert plan_entries(not_a_plan) == [], not_a_plan
     assert [board_cell(x, y) for x, y in ((0.0, 0.0), (0.99, 0.126), (1.0, 1.0))] == ["a1", "h2", "h8"]

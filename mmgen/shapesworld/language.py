@@ -67,10 +67,20 @@ def layout_cell(obj) -> str:
     return board_cell(obj.x, obj.y)
 
 
-def layout_plan(objects: Sequence) -> str:
+def layout_plan(objects: Sequence, counted: Sequence = ()) -> str:
     """The plan a model writes before it draws: each object, in the order given, with its colour, shape and
-    cell ('red circle b3, blue square f3.'). Four objects fit in 21 tokens."""
-    return ", ".join(f"{o.color} {o.shape} {layout_cell(o)}" for o in objects) + "."
+    cell ('red circle b3, blue square f3.'). Four objects fit in 21 tokens.
+
+    Each object of `counted` (compared by identity) gets the running count of them after its cell, a tally
+    ('red circle b3, blue square f3 one, blue star g5 two.')."""
+    entries, tally = [], 0
+    for o in objects:
+        entry = f"{o.color} {o.shape} {layout_cell(o)}"
+        if any(o is c for c in counted):
+            tally += 1
+            entry += " " + count_word(tally)
+        entries.append(entry)
+    return ", ".join(entries) + "."
 
 
 def relation_phrase(rel: str, rng: random.Random | None = None) -> str:

@@ -144,11 +144,18 @@ class ShapesWorld:
     its anchor ("blue circle b5, red star e5. left of the star."). What is left to learn is to count the
     entries of a short list, or to read a relation off two cells side by side. The scorer reads past these
     entries as it reads past plans.
+
+    `tallied_answers` is the share of planned answers to "how many circles / red shapes" and "is there ..."
+    questions whose plan counts the matching objects as it names them, each match followed by the running
+    count ("red circle b6, blue triangle c3 one, yellow triangle f7 two. two."; "red circle b6. no."), in place
+    of a worked answer's copies. Whether the entry just written matches the question, and the count after the
+    last one, are each read off a few tokens; copying the right entries out of a list is a lookup, and a model
+    with one key/value head per layer gets it wrong a fifth of the time. The scorer reads past the tallies.
     """
 
     def __init__(self, seed: int, size: int = 64, ordered_layouts: float = 0.0, layout_plans: float = 0.0,
                  story_plans: float = 0.0, reading_plans: float = 0.0, plan_lookups: float = 0.0,
-                 named_story_plans: float = 0.0, worked_answers: float = 0.0):
+                 named_story_plans: float = 0.0, worked_answers: float = 0.0, tallied_answers: float = 0.0):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(size, int) or size < 16:
@@ -160,6 +167,7 @@ class ShapesWorld:
         self.check_share("plan_lookups", plan_lookups)
         self.check_share("named_story_plans", named_story_plans)
         self.check_share("worked_answers", worked_answers)
+        self.check_share("tallied_answers", tallied_answers)
         self.seed = seed
         self.size = size
         self.ordered_layouts = float(ordered_layouts)
@@ -169,6 +177,7 @@ class ShapesWorld:
         self.plan_lookups = float(plan_lookups)
         self.named_story_plans = float(named_story_plans)
         self.worked_answers = float(worked_answers)
+        self.tallied_answers = float(tallied_answers)
         self._next = 0
 
     # -- public API -------------------------------------------------------------------------
@@ -343,6 +352,7 @@ class ShapesWorld:
     def _i2t(self, rng: random.Random, category: str) -> Sample:
         extra: dict = {}
         needed: list | None = None  # the plan entries a worked answer copies, in its order (None: not worked)
+        countable = False  # whether `needed` are the matches a tallied plan counts
         if category == "caption":
             scene = random_scene(rng)
             question, answer = lang.caption_question(rng), lang.caption(scene)
@@ -369,7 +379,7 @@ class ShapesWorld:
                     spec_obj = ObjSpec(rng.choice([s for s in SHAPES if s not in {o.shape for o in scene.objects}]))
                 question, answer = lang.presence_question(spec_obj, present, rng)
                 extra["kind"] = "presence"
-                needed = [o for o in _read(scene) if spec_obj.matches(o)]
+                needed, countable = [o for o in _read(scene) if spec_obj.matches(o)], True
             else:
                 while True:
                     colors = [o.color for o in scene.objects]
@@ -388,11 +398,11 @@ class ShapesWorld:
                 question, answer = lang.count_question(len(scene), rng=rng)
             elif mode == "shape":
                 shape = rng.choice(scene.objects).shape
-                needed = [o for o in _read(scene) if o.shape == shape]
+                needed, countable = [o for o in _read(scene) if o.shape == shape], True
                 question, answer = lang.count_question(len(needed), shape=shape, rng=rng)
             else:
                 color = rng.choice(scene.objects).color
-                needed = [o for o in _read(scene) if o.color == color]
+                needed, countable = [o for o in _read(scene) if o.color == color], True
                 question, answer = lang.count_question(len(needed), color=color, rng=rng)
         else:  # position_qa: two objects, so that the relation is unique and clear
             scene = random_scene(rng, n_objects=2)
@@ -417,11 +427,16 @@ class ShapesWorld:
         if self.reading_plans > 0 and rng.random() < self.reading_plans:
             plan = lang.layout_plan(_read(scene))
             lookup = self.plan_lookups > 0 and rng.random() < self.plan_lookups
-            if needed is not None and self.worked_answers > 0 and rng.random() < self.worked_answers:
+            tallied = countable and self.tallied_answers > 0 and rng.random() < self.tallied_answers
+            if tallied:
+                # The answer writes the plan with its tallies, a lookup answer too (given the plain plan).
+                answer = lang.layout_plan(_read(scene), counted=needed) + " " + answer
+            elif needed is not None and self.worked_answers > 0 and rng.random() < self.worked_answers:
                 answer = (lang.layout_plan(needed) + " " if needed else "") + answer
             if lookup:
                 return Sample("i2t", category, [Text(question), _spaced(plan)], [_spaced(answer)], spec)
-            answer = plan + " " + answer
+            if not tallied:
+                answer = plan + " " + answer
         return Sample("i2t", category, [self._image(scene), _spaced(question)], [_spaced(answer)], spec)
 
     # -- stories ----------------------------------------------------------------------------
