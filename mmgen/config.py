@@ -218,6 +218,12 @@ class TrainArguments:
                           "answer is learnt as a lookup in the plan (see ShapesWorld). Not a form the model writes: "
                           "recipes that train on the model's text leave it out."},
     )
+    story_plan_lookups: float = field(
+        default=0.0,
+        metadata={"help": "Share of planned ShapesWorld stories given as text without pictures up to one step's "
+                          "sentence, so that only that step's plan is learnt, as an edit of the plan before it (see "
+                          "ShapesWorld). Not a form the model writes."},
+    )
     trainable_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Name prefixes of the parameters this stage trains, e.g. [image_modules.flow_head]; the "

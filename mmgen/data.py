@@ -100,7 +100,8 @@ class ShapesWorldData:
         if self.category_weights:
             ShapesWorld.check_category_weights(self.category_weights)
         # How the world writes its text; plan lookups are trained, not written, so they are no text form.
-        self.world_options = {**text_forms(args), "plan_lookups": args.plan_lookups}
+        self.world_options = {**text_forms(args), "plan_lookups": args.plan_lookups,
+                              "story_plan_lookups": args.story_plan_lookups}
         for name, share in self.world_options.items():
             ShapesWorld.check_share(name, share)
 

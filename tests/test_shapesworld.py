@@ -453,6 +453,35 @@ def test_plan_lookups_give_the_plan_in_place_of_the_picture_and_leave_the_answer
         planned.sample_at(3, task="i2t").answer
 
 
+def test_story_plan_lookups_tell_the_story_without_pictures_and_leave_one_steps_plan_to_learn():
+    """A lookup story is the planned story's text up to a later step's sentence, with no picture; its answer is
+    that step's plan. The spec is the story's, and a share of 0 leaves the stories as they were."""
+    kwargs = dict(story_plans=1.0, named_story_plans=1.0)
+    planned, lookups = ShapesWorld(seed=9, **kwargs), ShapesWorld(seed=9, story_plan_lookups=1.0, **kwargs)
+    steps = Counter()
+    for i in range(30):
+        sample, lookup = (w.sample_at(i, task="story") for w in (planned, lookups))
+        assert lookup.spec == sample.spec
+        assert not any(isinstance(s, Image) for s in lookup.prompt + lookup.answer), "no picture to copy from"
+        told = [s.text for s in sample.answer if isinstance(s, Text)]  # each step's sentence and plan
+        step = len(lookup.prompt) - 2
+        assert 1 <= step < len(told)
+        assert [s.text for s in lookup.prompt] == [sample.prompt[0].text, *told[:step],
+                                                   " " + sample.spec["texts"][step]]
+        assert [s.text for s in lookup.answer] == [told[step].removeprefix(" " + sample.spec["texts"][step])]
+        assert lookup.answer[0].text.endswith(".") and lookup.answer[0].text.count(".") == 1, "only the plan"
+        steps[step] += 1
+    assert len(steps) >= 2, "the step is drawn"
+    half = ShapesWorld(seed=9, story_plan_lookups=0.5, **kwargs)
+    pictured = [any(isinstance(s, Image) for s in half.sample_at(i, task="story").answer) for i in range(100)]
+    assert 25 < sum(pictured) < 75
+    unplanned = ShapesWorld(seed=9, story_plan_lookups=1.0)
+    assert all(any(isinstance(s, Image) for s in unplanned.sample_at(i, task="story").answer) for i in range(5)), \
+        "only planned stories have plans to look up"
+    assert ShapesWorld(seed=9, story_plan_lookups=0.0, **kwargs).sample_at(3, task="story").answer == \
+        planned.sample_at(3, task="story").answer
+
+
 def _entry_object(entry: str) -> ObjSpec:
     """A plan entry ('red circle b3') as the description of its object: its shape and colour."""
     color, shape, _ = entry.split()
@@ -625,6 +654,8 @@ def test_world_rejects_bad_arguments_with_clear_errors():
         ShapesWorld(seed=0, worked_answers=-0.5)
     with pytest.raises(ValueError, match="tallied_answers must be a share in"):
         ShapesWorld(seed=0, tallied_answers=1.5)
+    with pytest.raises(ValueError, match="story_plan_lookups must be a share in"):
+        ShapesWorld(seed=0, story_plan_lookups=True)
     with pytest.raises(ValueError, match="unknown task"):
         world.sample(task="video")
     with pytest.raises(ValueError, match="unknown category"):

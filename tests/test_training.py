@@ -186,7 +186,8 @@ def test_bad_configs_are_rejected_with_clear_messages(tmp_path, vae_dir):
     for option, value in (("timestep_shift", 0.0), ("timestep_shift", [1.0, 2.0, 3.0]), ("sampling_shift", -1.0),
                           ("ordered_layouts", 1.5), ("layout_plans", 2.0), ("story_plans", -0.5),
                           ("reading_plans", 3.0), ("plan_lookups", 1.5), ("text_loss_per", "batch"),
-                          ("named_story_plans", 1.1), ("worked_answers", -0.1), ("tallied_answers", 2.0)):
+                          ("named_story_plans", 1.1), ("worked_answers", -0.1), ("tallied_answers", 2.0),
+                          ("story_plan_lookups", -1.0)):
         config = write_config(tmp_path, vae_dir, max_steps=2, **{option: value})
         with pytest.raises(ValueError, match=option):
             Trainer(*parse_config((ModelArguments, TrainArguments), config))
@@ -198,13 +199,14 @@ def test_ordered_layouts_reach_the_data_and_timestep_shift_draws_flow_times_towa
     trainer = Trainer(*parse_config((ModelArguments, TrainArguments), write_config(
         tmp_path, vae_dir, max_steps=1, task_weights={"t2i": 1.0}, ordered_layouts=0.5, layout_plans=0.25,
         story_plans=0.75, reading_plans=0.5, plan_lookups=0.25, named_story_plans=0.6, worked_answers=0.4,
-        tallied_answers=0.3)))
+        tallied_answers=0.3, story_plan_lookups=0.2)))
     worlds = []
     trainer.data.world_cls = lambda **kwargs: worlds.append(ShapesWorld(**kwargs)) or worlds[-1]
     model, batch = trainer.unwrapped, trainer.data.batch(0)
     assert worlds and all((world.ordered_layouts, world.layout_plans, world.story_plans, world.reading_plans,
-                           world.plan_lookups, world.named_story_plans, world.worked_answers, world.tallied_answers)
-                          == (0.5, 0.25, 0.75, 0.5, 0.25, 0.6, 0.4, 0.3) for world in worlds)
+                           world.plan_lookups, world.named_story_plans, world.worked_answers, world.tallied_answers,
+                           world.story_plan_lookups)
+                          == (0.5, 0.25, 0.75, 0.5, 0.25, 0.6, 0.4, 0.3, 0.2) for world in worlds)
     drawn, velocity = [], model.velocity
     model.velocity = lambda x_t, t, *args: drawn.append(t) or velocity(x_t, t, *args)
     for shift in (1.0, 3.0, [1.0, 3.0, 1.0, 3.0]):

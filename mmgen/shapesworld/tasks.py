@@ -126,6 +126,12 @@ class ShapesWorld:
     were placed. The first plan is then written the way a text→image plan is, from the words in front of it
     ("a star above a circle." then the star's entry, then the circle's), not in an order no text shows.
 
+    `story_plan_lookups` is the share of those planned stories given as text without their pictures, up to a
+    step's sentence (the prompt, then every earlier step's sentence and plan): only that step's plan is learnt.
+    A step's plan is the one before it with the entry the sentence names changed, dropped or added; finding
+    that entry by its colour or shape is a lookup in text, which a picture can let the model skip. Not a form
+    the model writes.
+
     `reading_plans` is the share of image→text answers that first write the plan of the picture they read: every
     object, left to right, with its colour and cell, then the answer ("blue star c6, orange square a1. blue.").
     Naming each object with the cell under it is what the image tokens, one per cell, show most directly; which
@@ -155,7 +161,8 @@ class ShapesWorld:
 
     def __init__(self, seed: int, size: int = 64, ordered_layouts: float = 0.0, layout_plans: float = 0.0,
                  story_plans: float = 0.0, reading_plans: float = 0.0, plan_lookups: float = 0.0,
-                 named_story_plans: float = 0.0, worked_answers: float = 0.0, tallied_answers: float = 0.0):
+                 named_story_plans: float = 0.0, worked_answers: float = 0.0, tallied_answers: float = 0.0,
+                 story_plan_lookups: float = 0.0):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(size, int) or size < 16:
@@ -168,6 +175,7 @@ class ShapesWorld:
         self.check_share("named_story_plans", named_story_plans)
         self.check_share("worked_answers", worked_answers)
         self.check_share("tallied_answers", tallied_answers)
+        self.check_share("story_plan_lookups", story_plan_lookups)
         self.seed = seed
         self.size = size
         self.ordered_layouts = float(ordered_layouts)
@@ -178,6 +186,7 @@ class ShapesWorld:
         self.named_story_plans = float(named_story_plans)
         self.worked_answers = float(worked_answers)
         self.tallied_answers = float(tallied_answers)
+        self.story_plan_lookups = float(story_plan_lookups)
         self._next = 0
 
     # -- public API -------------------------------------------------------------------------
@@ -482,10 +491,8 @@ class ShapesWorld:
             orders = _plan_orders(scenes, changes, named)
         else:
             orders = [range(len(scene)) for scene in scenes]
-        answer: list[Segment] = []
-        for text, scene, order in zip(texts, scenes, orders):
-            plan = " " + lang.layout_plan([scene.objects[i] for i in order]) if planned else ""
-            answer += [_spaced(text + plan), self._image(scene)]
+        plans = [" " + lang.layout_plan([scene.objects[i] for i in order]) if planned else ""
+                 for scene, order in zip(scenes, orders)]
         spec = {
             "task": "story",
             "category": category,
@@ -496,6 +503,13 @@ class ShapesWorld:
             "scenes": [s.to_dicts() for s in scenes],
             "changes": [c.to_dict() for c in changes],
         }
+        if planned and self.story_plan_lookups > 0 and rng.random() < self.story_plan_lookups:
+            step = rng.randrange(1, len(texts))
+            told = [_spaced(text + plan) for text, plan in zip(texts[:step], plans)]
+            return Sample("story", category, [Text(prompt), *told, _spaced(texts[step])], [Text(plans[step])], spec)
+        answer: list[Segment] = []
+        for text, plan, scene in zip(texts, plans, scenes):
+            answer += [_spaced(text + plan), self._image(scene)]
         return Sample("story", category, [Text(prompt)], answer, spec)
 
     # -- editing ----------------------------------------------------------------------------
