@@ -154,9 +154,9 @@ class ShapesWorld:
     `tallied_answers` is the share of planned answers to "how many circles / red shapes" and "is there ..."
     questions whose plan counts the matching objects as it names them, each match followed by the running
     count ("red circle b6, blue triangle c3 one, yellow triangle f7 two. two."; "red circle b6. no."), in place
-    of a worked answer's copies. Whether the entry just written matches the question, and the count after the
-    last one, are each read off a few tokens; copying the right entries out of a list is a lookup, and a model
-    with one key/value head per layer gets it wrong a fifth of the time. The scorer reads past the tallies.
+    of a worked answer's copies. Each entry is checked against the question as it is written, and the answer
+    is the last count, where a worked answer picks the matches out of the finished plan and counts them
+    afterwards. The scorer reads past the tallies.
     """
 
     def __init__(self, seed: int, size: int = 64, ordered_layouts: float = 0.0, layout_plans: float = 0.0,
