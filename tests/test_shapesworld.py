@@ -488,6 +488,18 @@ def _entry_object(entry: str) -> ObjSpec:
     return ObjSpec(shape, color)
 
 
+def _asked(question: str):
+    """What an 'is there' or a 'how many circles / red shapes' question asks about, as a test of an object's
+    description; None for other questions."""
+    if question.startswith(("is there ", "do you see ")):
+        asked = question.removeprefix("is there ").removeprefix("do you see ")
+        return lang.parse_object(asked.removesuffix("?").removesuffix(" in the picture")).matches
+    if question.startswith("how many ") and question.split()[2] not in ("shapes", "objects"):
+        word = question.split()[2]
+        return lambda obj: word in (obj.color, lang.PLURALS[obj.shape])
+    return None
+
+
 def test_named_story_plans_follow_the_first_sentence_and_keep_that_order_through_the_story():
     """The first plan lists the objects as the first sentence names them, as a text→image plan does; each later
     plan keeps that order, drops a removed object's entry and puts an added one last. Only the plans differ."""
@@ -553,17 +565,14 @@ def test_worked_answers_copy_the_entries_a_question_needs_and_the_scorer_reads_p
             assert target in entries and target != anchor
         elif spec.get("kind") == "presence":
             kind = "presence"
-            asked = question.removeprefix("is there ").removeprefix("do you see ")
-            asked = lang.parse_object(asked.removesuffix("?").removesuffix(" in the picture"))
-            assert copied == [e for e in entries if asked.matches(_entry_object(e))], "every match, in order"
+            assert copied == [e for e in entries if _asked(question)(_entry_object(e))], "every match, in order"
             assert rest == ("yes." if copied else "no.")
         elif category == "count_qa" and question.split()[2] in ("shapes", "objects"):
             kind = "all"
             assert text == before.answer[0].text, "the plan already lists what is counted"
         elif category == "count_qa":
             kind = "count"
-            word = question.split()[2]
-            expected = [e for e in entries if word in (e.split()[0], lang.PLURALS[e.split()[1]])]
+            expected = [e for e in entries if _asked(question)(_entry_object(e))]
             assert copied == expected and rest == f"{lang.count_word(len(copied))}.", "every match, in order"
         else:
             kind = "other"
@@ -603,13 +612,8 @@ def test_tallied_answers_count_the_matches_in_the_plan_and_the_scorer_reads_past
         text = sample.answer[0].text.strip()
         question = sample.prompt[0 if lookup else 1].text.strip()
         spec = sample.spec
-        if spec.get("kind") == "presence":
-            asked = question.removeprefix("is there ").removeprefix("do you see ")
-            matches = lang.parse_object(asked.removesuffix("?").removesuffix(" in the picture")).matches
-        elif category == "count_qa" and question.split()[2] not in ("shapes", "objects"):
-            word = question.split()[2]
-            matches = lambda obj: word in (obj.color, lang.PLURALS[obj.shape])  # noqa: E731
-        else:
+        matches = _asked(question)
+        if matches is None:
             kinds["untallied"] += 1
             assert text == before.answer[0].text.strip(), "other questions answer as before"
             continue
